@@ -1,0 +1,131 @@
+"""Server bootstrap shared by every service: grpc.aio server, health, reflection,
+graceful drain on SIGTERM.
+
+Each service has `create_server(config) -> (Service, port)` built on
+`GrpcServer`; `serve_forever` runs it until a signal arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+logger = logging.getLogger(__name__)
+
+# Large enough for embedding batches and long prompts; bigger messages get
+# RESOURCE_EXHAUSTED from gRPC itself.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class GrpcServer:
+    """A grpc.aio server with health and reflection, bound but not started.
+
+    `service_names` are the full names of the services registered, for health
+    (each one plus the overall "") and reflection.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        service_names: Iterable[str],
+        register: Callable[[grpc.aio.Server], None],
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        on_drain: Callable[[], Awaitable[None]] | None = None,
+        on_stop: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        register(self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = list(service_names)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {host}:{port}")
+        self.address = f"{host}:{self.port}"
+        self._on_drain = on_drain
+        self._on_stop = on_stop
+        self._stopped = asyncio.Event()
+
+    async def start(self, serving: bool = True) -> None:
+        await self.server.start()
+        if serving:
+            await self.set_serving(True)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Drain: NOT_SERVING first (load balancers stop sending), then finish in-flight work."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.set_serving(False)
+        if self._on_drain is not None:
+            try:
+                await asyncio.wait_for(self._on_drain(), timeout=grace)
+            except TimeoutError:
+                logger.warning("drain did not finish within %.1fs", grace)
+        await self.server.stop(grace)
+        if self._on_stop is not None:
+            await self._on_stop()
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve_forever(server: GrpcServer, grace: float) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    logger.info("serving", extra={"address": server.address})
+    waiter = asyncio.create_task(server.wait())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        logger.info("signal received, draining", extra={"grace_s": grace})
+        await server.stop(grace)
+    waiter.cancel()
+    stopper.cancel()
+    logger.info("stopped")
+
+
+async def wait_serving(address: str, timeout: float, service: str = "") -> None:
+    """Poll a server's gRPC health until SERVING; raise TimeoutError otherwise."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        last = "no answer"
+        while loop.time() < deadline:
+            try:
+                resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.aio.AioRpcError as exc:
+                last = exc.code().name
+            await asyncio.sleep(0.2)
+    raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s (last: {last})")
