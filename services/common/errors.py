@@ -100,13 +100,15 @@ def grpc_errors(method: F) -> F:
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
-        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream_wrapper(
+            self: Any, request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
             except (grpc.aio.AbortError, GeneratorExit):
                 raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            except Exception as exc:
                 await _abort(context, exc)
 
         return stream_wrapper  # type: ignore[return-value]
@@ -117,7 +119,7 @@ def grpc_errors(method: F) -> F:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+        except Exception as exc:
             await _abort(context, exc)
 
     return unary_wrapper  # type: ignore[return-value]

