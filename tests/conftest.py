@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
+pytest_plugins = ["tests.fixtures.databases"]
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 if not (ROOT / "infermesh" / "common" / "v1" / "common_pb2.py").exists():
