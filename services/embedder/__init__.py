@@ -1,0 +1,1 @@
+"""The embedder service: sentence embeddings with dynamic batching, over gRPC."""

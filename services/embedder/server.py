@@ -1,0 +1,54 @@
+"""Build and run the embedder server: load the model, warm it up, register the servicer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from services.common.server import GrpcServer, serve_forever
+from services.embedder.config import EmbedderConfig
+from services.embedder.engine import EmbedEngine
+from services.embedder.model import EmbeddingModel
+from services.embedder.servicer import SERVICE_NAME, EmbedderServicer, add_to_server
+
+logger = logging.getLogger(__name__)
+
+
+async def create_server(config: EmbedderConfig) -> GrpcServer:
+    """Load and warm the model, then bind (port 0 picks a free port). Not started."""
+    model = await asyncio.to_thread(EmbeddingModel.load, config.model_path, config.device)
+    engine = EmbedEngine(
+        model,
+        model_id=config.model_id,
+        max_items_per_request=config.max_items_per_request,
+        max_batch_tokens=config.max_batch_tokens,
+        max_wait_s=config.max_wait_ms / 1000,
+        max_input_chars=config.max_input_chars,
+    )
+    try:
+        await engine.start()
+        servicer = EmbedderServicer(
+            engine, endpoint_id=config.endpoint_id, default_interval_ms=config.load_interval_ms
+        )
+        server = GrpcServer(
+            host=config.host,
+            port=config.port,
+            service_names=[SERVICE_NAME],
+            register=lambda s: add_to_server(servicer, s),
+            on_drain=engine.drain,
+            on_stop=engine.close,
+        )
+    except BaseException:
+        await engine.close()
+        raise
+    if not servicer.endpoint_id:
+        servicer.endpoint_id = f"{socket.gethostname()}:{server.port}"
+    return server
+
+
+async def serve(config: EmbedderConfig) -> None:
+    server = await create_server(config)
+    # Start only now: health says SERVING once the model is loaded and warmed up.
+    await server.start()
+    await serve_forever(server, config.grace_s)
