@@ -1,0 +1,109 @@
+"""Protobuf conversion, and naming the field of a request that is not valid UTF-8."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infermesh.common.v1 import common_pb2
+from infermesh.embedder.v1 import embedder_pb2
+from services.common.errors import InvalidArgument
+from services.embedder import convert
+from services.embedder.convert import Undecodable
+from services.embedder.domain import (
+    DeviceSnapshot,
+    EmbeddedItem,
+    EmbedResult,
+    LoadSnapshot,
+    ModelDescription,
+)
+
+MODEL = ModelDescription("m", 256, 3, "bert", "small", "pkg")
+DEVICE = DeviceSnapshot("cuda", "gpu", 1000, 100, "float16")
+
+
+def with_bad_utf8(request: embedder_pb2.EmbedRequest, marker: str) -> bytes:
+    """Serialise, then swap an ASCII marker (same length) for invalid UTF-8 bytes."""
+    data = request.SerializeToString()
+    assert data.count(marker.encode()) == 1
+    return data.replace(marker.encode(), b"\xff" * len(marker))
+
+
+@pytest.mark.parametrize(
+    ("request_pb", "marker", "field"),
+    [
+        (embedder_pb2.EmbedRequest(inputs=["ok", "BAD!", "fine"]), "BAD!", "inputs[1]"),
+        (embedder_pb2.EmbedRequest(inputs=["BAD!"]), "BAD!", "inputs[0]"),
+        (embedder_pb2.EmbedRequest(model="BAD!", inputs=["x"], normalize=False), "BAD!", "model"),
+        (embedder_pb2.EmbedRequest(request_id="BAD!", inputs=["x"]), "BAD!", "request_id"),
+    ],
+)
+def test_lenient_deserializer_names_the_field_with_bad_utf8(
+    request_pb: embedder_pb2.EmbedRequest, marker: str, field: str
+) -> None:
+    parsed = convert.lenient(embedder_pb2.EmbedRequest)(with_bad_utf8(request_pb, marker))
+    assert parsed == Undecodable("infermesh.embedder.v1.EmbedRequest", field)
+    with pytest.raises(InvalidArgument) as info:
+        convert.embed_query_from_pb(parsed)
+    assert info.value.field == field
+    assert "UTF-8" in info.value.message
+
+
+def test_broken_wire_format_names_the_request() -> None:
+    parsed = convert.lenient(embedder_pb2.EmbedRequest)(b"\x1a\x05ab")  # length says 5, 2 bytes follow
+    assert isinstance(parsed, Undecodable) and parsed.field is None
+    with pytest.raises(InvalidArgument) as info:
+        convert.parsed(parsed)
+    assert info.value.message == "request: could not be parsed as infermesh.embedder.v1.EmbedRequest"
+
+
+def test_valid_bytes_parse_normally() -> None:
+    request = embedder_pb2.EmbedRequest(inputs=["héllo", "世界"])
+    assert convert.lenient(embedder_pb2.EmbedRequest)(request.SerializeToString()) == request
+    assert (
+        convert.invalid_utf8_field(embedder_pb2.EmbedRequest.DESCRIPTOR, request.SerializeToString()) is None
+    )
+
+
+def test_query_defaults_normalize_and_truncate_to_true_when_unset() -> None:
+    query = convert.embed_query_from_pb(embedder_pb2.EmbedRequest(inputs=["a"], request_id="r1"))
+    assert (query.normalize, query.truncate, query.model, query.request_id) == (True, True, "", "r1")
+    query = convert.embed_query_from_pb(
+        embedder_pb2.EmbedRequest(inputs=["a"], normalize=False, truncate=False)
+    )
+    assert (query.normalize, query.truncate) == (False, False)
+
+
+def test_response_carries_vectors_flags_and_usage() -> None:
+    result = EmbedResult(
+        model="m",
+        items=[
+            EmbeddedItem(np.array([0.5, -0.25], dtype=np.float32), truncated=True, token_count=256),
+            EmbeddedItem(np.array([1.0, 0.0], dtype=np.float32), truncated=False, token_count=3),
+        ],
+    )
+    pb = convert.embed_response_to_pb(result)
+    assert [list(e.values) for e in pb.embeddings] == [[0.5, -0.25], [1.0, 0.0]]
+    assert [(e.truncated, e.token_count) for e in pb.embeddings] == [(True, 256), (False, 3)]
+    assert pb.usage.prompt_tokens == 259
+
+
+def test_info_and_load_report() -> None:
+    info = convert.info_to_pb("e1", MODEL, DEVICE)
+    assert info.models[0].kind == common_pb2.MODEL_KIND_EMBEDDING
+    assert (info.models[0].context_length, info.models[0].embedding_dim) == (256, 3)
+    assert info.device.type == common_pb2.DEVICE_TYPE_CUDA
+    load = LoadSnapshot(
+        MODEL,
+        DEVICE,
+        running=2,
+        waiting=3,
+        running_tokens=20,
+        waiting_tokens=30,
+        items_per_s=12.5,
+        draining=True,
+    )
+    report = convert.load_report_to_pb("e1", load)
+    assert (report.endpoint_id, report.running, report.waiting, report.items_per_s) == ("e1", 2, 3, 12.5)
+    assert (report.running_tokens, report.waiting_tokens, report.draining) == (20, 30, True)
+    assert report.at.seconds > 0
