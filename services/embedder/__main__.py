@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     # huggingface_hub is imported, which reads it once.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Progress bars are not JSON log lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
     from services.embedder.config import EmbedderConfig
     from services.embedder.server import serve

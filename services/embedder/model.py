@@ -73,7 +73,7 @@ class EmbeddingModel:
         if not folder.is_dir():
             raise ConfigError(f"embedder.model_path={path!r}: not a folder")
         resolved = resolve_device(device)
-        st = SentenceTransformer(str(folder), device=resolved, local_files_only=True)
+        st = _without_normalize(SentenceTransformer(str(folder), device=resolved, local_files_only=True))
         st.eval()
         source = PACKAGE.replace("_", "-") if not path else folder.name
         logger.info("model loaded", extra={"source": source, "device": resolved})
@@ -113,6 +113,16 @@ class EmbeddingModel:
         total, available = _host_memory()
         kind = "mps" if self._device == "mps" else "cpu"
         return DeviceSnapshot(kind, _cpu_name(), total, total - available, self.dtype)
+
+
+def _without_normalize(st: SentenceTransformer) -> SentenceTransformer:
+    """Drop a trailing Normalize module (all-MiniLM-L6-v2 has one) so that encode() gives
+    the pooled vectors and the request's `normalize` flag alone decides on unit length."""
+    modules = list(st)
+    # By name: the module's import path moved between sentence-transformers releases.
+    if len(modules) > 1 and type(modules[-1]).__name__ == "Normalize":
+        return SentenceTransformer(modules=modules[:-1], device=str(st.device))
+    return st
 
 
 def _host_memory() -> tuple[int, int]:

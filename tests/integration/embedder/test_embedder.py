@@ -1,0 +1,225 @@
+"""The embedder over real gRPC, checked against sentence-transformers run in-process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sentence_transformers import SentenceTransformer
+
+from infermesh.common.v1 import common_pb2
+from infermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from services.common.server import GrpcServer
+from services.embedder.server import create_server
+from services.embedder.servicer import SERVICE_NAME
+from tests.integration.embedder.helpers import embedder_config
+
+pytestmark = pytest.mark.slow
+
+EMBED_PATH = f"/{SERVICE_NAME}/Embed"
+TEXTS = [
+    "The cat sat on the mat.",
+    "A quarterly report on semiconductor supply chains.",
+    "Wie spät ist es?",
+    "def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "Paris is the capital of France.",
+    "🙂 emoji and ünïcödé",
+]
+WORDS = "apple river quantum violin glacier harbor pepper orbit canyon lantern meadow cipher".split()
+LONG_TEXT = " ".join(WORDS[i % len(WORDS)] for i in range(400))
+
+
+def vectors(response: embedder_pb2.EmbedResponse) -> npt.NDArray[np.float32]:
+    return np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
+
+
+def assert_same_direction(got: npt.NDArray[np.float32], want: npt.NDArray[np.float32]) -> None:
+    assert got.shape == want.shape
+    cosine = np.sum(got * want, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosine.min() >= 0.9999, cosine
+
+
+async def embed_ok(stub: embedder_pb2_grpc.EmbedderStub) -> None:
+    """The server still answers a plain request."""
+    response = await stub.Embed(embedder_pb2.EmbedRequest(inputs=["still serving"]), timeout=30)
+    assert len(response.embeddings) == 1 and len(response.embeddings[0].values) == 384
+
+
+async def test_health_is_serving_and_info_describes_the_model(
+    embedder: GrpcServer, channel: grpc.aio.Channel, stub: embedder_pb2_grpc.EmbedderStub
+) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE_NAME):
+        status = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+    info = await stub.GetInfo(embedder_pb2.GetInfoRequest(), timeout=5)
+    assert info.endpoint_id == "embedder-under-test"
+    (model,) = info.models
+    assert (model.id, model.kind) == ("all-minilm-l6-v2", common_pb2.MODEL_KIND_EMBEDDING)
+    assert (model.embedding_dim, model.context_length, model.family) == (384, 256, "bert")
+    assert info.device.type == common_pb2.DEVICE_TYPE_CPU
+    assert info.device.dtype == "float32"
+    assert info.device.memory_total_bytes > 0
+
+
+async def test_vectors_match_the_reference_alone_and_in_a_batch(
+    stub: embedder_pb2_grpc.EmbedderStub, reference: SentenceTransformer
+) -> None:
+    want = reference.encode(TEXTS, normalize_embeddings=True)
+    batch = await stub.Embed(embedder_pb2.EmbedRequest(inputs=TEXTS, model="all-minilm-l6-v2"), timeout=30)
+    alone = [await stub.Embed(embedder_pb2.EmbedRequest(inputs=[t]), timeout=30) for t in TEXTS]
+    assert batch.model == "all-minilm-l6-v2"
+    for got in (vectors(batch), np.concatenate([vectors(r) for r in alone])):
+        assert got.shape == (len(TEXTS), 384)
+        assert_same_direction(got, want)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+async def test_normalize_false_gives_the_raw_vectors(
+    stub: embedder_pb2_grpc.EmbedderStub, reference: SentenceTransformer
+) -> None:
+    # The packaged model ends in a Normalize module; raw means the pooled vectors before it.
+    modules = list(reference)
+    assert type(modules[-1]).__name__ == "Normalize"
+    pooled_only = SentenceTransformer(modules=modules[:-1], device="cpu")
+    want = pooled_only.encode(TEXTS, normalize_embeddings=False)
+    got = vectors(await stub.Embed(embedder_pb2.EmbedRequest(inputs=TEXTS, normalize=False), timeout=30))
+    assert_same_direction(got, want)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), np.linalg.norm(want, axis=1), rtol=1e-4)
+    assert np.abs(np.linalg.norm(got, axis=1) - 1.0).max() > 0.01
+
+
+async def test_concurrent_callers_each_get_their_own_vectors_in_order(
+    stub: embedder_pb2_grpc.EmbedderStub, reference: SentenceTransformer
+) -> None:
+    requests = [
+        [
+            f"{WORDS[i % 12]} {WORDS[(i * 5 + j) % 12]} number {i}-{j} " + "more words " * (i % 9)
+            for j in range(1 + i % 3)
+        ]
+        for i in range(60)
+    ]
+    flat = [t for texts in requests for t in texts]
+    want = reference.encode(flat, normalize_embeddings=True)
+    responses = await asyncio.gather(
+        *(stub.Embed(embedder_pb2.EmbedRequest(inputs=texts), timeout=60) for texts in requests)
+    )
+    start = 0
+    for texts, response in zip(requests, responses, strict=True):
+        assert_same_direction(vectors(response), want[start : start + len(texts)])
+        start += len(texts)
+
+
+async def test_over_long_input_is_truncated_and_flagged(
+    stub: embedder_pb2_grpc.EmbedderStub, reference: SentenceTransformer
+) -> None:
+    short = "a short sentence"
+    response = await stub.Embed(embedder_pb2.EmbedRequest(inputs=[LONG_TEXT, short]), timeout=30)
+    long_item, short_item = response.embeddings
+    short_tokens = len(reference.tokenizer(short)["input_ids"])
+    assert (long_item.truncated, long_item.token_count) == (True, 256)
+    assert (short_item.truncated, short_item.token_count) == (False, short_tokens)
+    assert response.usage.prompt_tokens == 256 + short_tokens
+    # The model sees the first 256 tokens, exactly as sentence-transformers truncates.
+    assert_same_direction(vectors(response), reference.encode([LONG_TEXT, short], normalize_embeddings=True))
+
+
+@pytest.mark.parametrize(
+    ("request_pb", "expected"),
+    [
+        (embedder_pb2.EmbedRequest(inputs=["x"], model="gpt-embed-9"), "model: unknown model 'gpt-embed-9'"),
+        (embedder_pb2.EmbedRequest(inputs=[]), "inputs: must hold at least 1 input"),
+        (embedder_pb2.EmbedRequest(inputs=["x", "", "y"]), "inputs[1]: must not be empty"),
+        (embedder_pb2.EmbedRequest(inputs=["x"] * 257), "inputs: 257 inputs is over the limit of 256"),
+        (
+            embedder_pb2.EmbedRequest(inputs=["ok", LONG_TEXT], truncate=False),
+            "inputs[1]: 402 tokens is over the model's limit of 256 tokens",
+        ),
+    ],
+    ids=["unknown-model", "no-inputs", "empty-input", "too-many-inputs", "too-long"],
+)
+async def test_bad_input_is_invalid_argument_naming_field_and_limit(
+    stub: embedder_pb2_grpc.EmbedderStub, request_pb: embedder_pb2.EmbedRequest, expected: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Embed(request_pb, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() is not None and info.value.details().startswith(expected)
+    await embed_ok(stub)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"\x1a\x02ok\x1a\x03ab\xff", "inputs[1]: is not valid UTF-8"),
+        (b"\x12\x02\xc3\x28\x1a\x02ok", "model: is not valid UTF-8"),
+        (b"\x1a\x20cut short", "request: could not be parsed as infermesh.embedder.v1.EmbedRequest"),
+    ],
+    ids=["bad-utf8-input", "bad-utf8-model", "broken-wire-format"],
+)
+async def test_unparseable_request_is_invalid_argument(
+    channel: grpc.aio.Channel, stub: embedder_pb2_grpc.EmbedderStub, raw: bytes, expected: str
+) -> None:
+    call = channel.unary_unary(EMBED_PATH, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(raw, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() is not None and info.value.details().startswith(expected)
+    await embed_ok(stub)
+
+
+async def test_stream_load_reports_every_interval(stub: embedder_pb2_grpc.EmbedderStub) -> None:
+    await embed_ok(stub)
+    reports = []
+    async for report in stub.StreamLoad(embedder_pb2.StreamLoadRequest(interval_ms=50), timeout=10):
+        reports.append(report)
+        if len(reports) == 3:
+            break
+    assert all(r.endpoint_id == "embedder-under-test" for r in reports)
+    assert [r.at.ToNanoseconds() for r in reports] == sorted(r.at.ToNanoseconds() for r in reports)
+    gap_s = (reports[2].at.ToNanoseconds() - reports[0].at.ToNanoseconds()) / 1e9
+    assert 0.09 <= gap_s < 2.0
+    last = reports[-1]
+    assert last.models[0].kind == common_pb2.MODEL_KIND_EMBEDDING
+    assert last.device.type == common_pb2.DEVICE_TYPE_CPU
+    assert last.items_per_s > 0
+    assert (last.waiting, last.running, last.draining) == (0, 0, False)
+
+
+@pytest.mark.parametrize("interval_ms", [5, 120_000])
+async def test_stream_load_rejects_an_interval_out_of_bounds(
+    stub: embedder_pb2_grpc.EmbedderStub, interval_ms: int
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in stub.StreamLoad(embedder_pb2.StreamLoadRequest(interval_ms=interval_ms), timeout=10):
+            pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"interval_ms: {interval_ms} is outside [10, 60000]" in (info.value.details() or "")
+    await embed_ok(stub)
+
+
+async def test_drain_finishes_in_flight_work_and_ends_load_streams() -> None:
+    server = await create_server(embedder_config(max_batch_tokens=512))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = embedder_pb2_grpc.EmbedderStub(channel)
+            stream = stub.StreamLoad(embedder_pb2.StreamLoadRequest(interval_ms=60_000), timeout=30)
+            first = await stream.read()
+            assert not first.draining
+            in_flight = asyncio.ensure_future(
+                stub.Embed(embedder_pb2.EmbedRequest(inputs=[LONG_TEXT] * 32), timeout=60)
+            )
+            await asyncio.sleep(0.2)  # let the request reach the server
+            await server.stop(grace=30)
+            response = await in_flight
+            assert len(response.embeddings) == 32
+            last = await stream.read()
+            assert last is not grpc.aio.EOF and last.draining
+            assert await stream.read() is grpc.aio.EOF
+    finally:
+        await server.stop(1.0)
