@@ -162,6 +162,6 @@ def describe(cls: type) -> list[tuple[str, str, Any]]:
     """(name, doc, default) for each field: for READMEs and --help."""
     out = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         out.append((f.name, f.metadata.get("doc", ""), default))
     return out
