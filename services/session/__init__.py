@@ -1,0 +1,1 @@
+"""Session service: conversation history with per-session sequence numbers, the stateful tier."""

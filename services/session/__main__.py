@@ -1,0 +1,48 @@
+"""`python -m services.session [--config FILE]` serves; `... migrate [--downgrade REV]` migrates."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from services.common.config import ConfigError, load_config
+from services.common.logs import configure_logging
+from services.session import db, migrate
+from services.session.config import SessionConfig
+from services.session.server import serve
+
+logger = logging.getLogger("services.session")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.session", description="infermesh session service"
+    )
+    parser.add_argument("--config", help="TOML config file ([session] table)")
+    commands = parser.add_subparsers(dest="command")
+    migrate_cmd = commands.add_parser("migrate", help="migrate the database schema and exit")
+    migrate_cmd.add_argument("--to", default="head", help="revision to upgrade to (default: head)")
+    migrate_cmd.add_argument("--downgrade", metavar="REV", help="downgrade to REV instead (e.g. base)")
+    args = parser.parse_args(argv)
+
+    try:
+        config = load_config(SessionConfig, "session", path=args.config)
+    except ConfigError as exc:
+        parser.exit(2, f"config error: {exc}\n")
+    configure_logging("session", config.log_level)
+
+    if args.command == "migrate":
+        url = db.resolve_url(config.database_url, config.state_dir)
+        if args.downgrade:
+            asyncio.run(migrate.downgrade(url, args.downgrade, timeout_s=config.db_timeout_s))
+        else:
+            asyncio.run(migrate.upgrade(url, args.to, timeout_s=config.db_timeout_s))
+        logger.info("migrated", extra={"revision": args.downgrade or args.to})
+        return 0
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Configuration of the session service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ConfigError, setting
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    host: str = setting("127.0.0.1", "Address the gRPC server binds.")
+    port: int = setting(50052, "gRPC port; 0 picks a free one.", min=0, max=65535)
+    log_level: str = setting("info", "Log level.", choices=["debug", "info", "warning", "error"])
+    grace_s: float = setting(10.0, "Seconds to finish in-flight calls on shutdown.", min=0, max=600)
+    database_url: str = setting(
+        "",
+        "SQLAlchemy URL: postgresql+asyncpg://user:pass@host:port/db, or sqlite+aiosqlite:///file. "
+        "Empty means a SQLite file under state_dir.",
+    )
+    state_dir: str = setting(".run", "Folder for the embedded SQLite database (created if missing).")
+    auto_migrate: bool = setting(True, "Run the database migrations at start.")
+    max_message_chars: int = setting(100_000, "Longest message content accepted.", min=1, max=10_000_000)
+    max_messages_per_append: int = setting(
+        256, "Most messages in one AppendMessages call.", min=1, max=10_000
+    )
+    default_page_size: int = setting(100, "GetHistory page size when the request gives none.", min=1)
+    max_page_size: int = setting(1000, "Largest GetHistory page size accepted.", min=1, max=100_000)
+    pool_size: int = setting(
+        10, "Database connections kept open (as many again may be opened under load).", min=1
+    )
+    db_timeout_s: float = setting(
+        5.0, "Bound on connecting, waiting for a pooled connection and each statement.", min=0.05, max=300
+    )
+    health_interval_s: float = setting(5.0, "How often the database is probed for health.", min=0.1, max=300)
+
+    def check(self) -> None:
+        if self.default_page_size > self.max_page_size:
+            raise ConfigError(
+                f"session.default_page_size={self.default_page_size}: must be <= max_page_size "
+                f"({self.max_page_size})"
+            )
+        if self.database_url:
+            scheme = self.database_url.split("://", 1)[0]
+            if scheme not in _ACCEPTED_SCHEMES:
+                raise ConfigError(
+                    f"session.database_url scheme {scheme!r}: must be one of {', '.join(_ACCEPTED_SCHEMES)}"
+                )
+
+
+_ACCEPTED_SCHEMES = ("postgresql+asyncpg", "postgresql", "postgres", "sqlite+aiosqlite", "sqlite")

@@ -1,0 +1,1 @@
+"""Alembic migrations of the session schema (run through services.session.migrate)."""

@@ -1,0 +1,133 @@
+"""Session server: the store behind gRPC, SERVING only while the database answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from infermesh.session.v1 import session_pb2, session_pb2_grpc
+from services.common.server import GrpcServer, serve_forever
+from services.session import db, migrate
+from services.session.config import SessionConfig
+from services.session.servicer import SessionStoreServicer
+from services.session.sql_store import SqlStore
+from services.session.store import Store
+from services.session.validation import Limits
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionStore"].full_name
+RETRY_MIN_S = 0.2
+
+
+class DatabaseProbe:
+    """Migrates once (when asked), then pings the database; its verdict drives health."""
+
+    def __init__(
+        self, store: Store, database_url: str, *, auto_migrate: bool, interval_s: float, timeout_s: float
+    ) -> None:
+        self._store = store
+        self._url = database_url
+        self._migrate = auto_migrate
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        # True once the schema is known to be in place: requests may go through.
+        self.ready = False
+        self.serving = False
+
+    async def check(self) -> bool:
+        try:
+            if self._migrate and not self.ready:
+                await migrate.upgrade(self._url, timeout_s=self._timeout_s)
+                logger.info("database migrated")
+            async with asyncio.timeout(2 * self._timeout_s):
+                await self._store.ping()
+        except Exception as exc:
+            if self.serving or not self.ready:
+                logger.warning("database not ready: %s", db.describe(exc))
+            return False
+        self.ready = True
+        return True
+
+    async def update(self, set_serving: Callable[[bool], Awaitable[None]]) -> bool:
+        ok = await self.check()
+        if ok != self.serving:
+            self.serving = ok
+            await set_serving(ok)
+            logger.info("health %s", "SERVING" if ok else "NOT_SERVING")
+        return ok
+
+    async def run(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
+        """Probe forever (after a first `update`): every interval_s while healthy,
+        backing off from RETRY_MIN_S while failing."""
+        delay = RETRY_MIN_S
+        while True:
+            if self.serving:
+                delay = RETRY_MIN_S
+                await asyncio.sleep(self._interval_s)
+            else:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, self._interval_s)
+            await self.update(set_serving)
+
+
+class SessionServer(GrpcServer):
+    def __init__(self, *, probe: DatabaseProbe, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.probe = probe
+        self._probe_task: asyncio.Task[None] | None = None
+
+    async def start(self, serving: bool = True) -> None:
+        """Start; SERVING comes from the database probe, not from `serving`.
+
+        The first probe runs before this returns (bounded by db_timeout_s), so a
+        reachable database is SERVING at once; an unreachable one is retried.
+        """
+        await super().start(serving=False)
+        # The health servicer starts out SERVING for "" until told otherwise.
+        await self.set_serving(False)
+        await self.probe.update(self.set_serving)
+        self._probe_task = asyncio.create_task(self.probe.run(self.set_serving))
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe_task
+        await super().stop(grace)
+
+
+async def create_server(config: SessionConfig) -> SessionServer:
+    url = db.resolve_url(config.database_url, config.state_dir)
+    store = SqlStore.from_url(url, pool_size=config.pool_size, timeout_s=config.db_timeout_s)
+    probe = DatabaseProbe(
+        store,
+        url,
+        auto_migrate=config.auto_migrate,
+        interval_s=config.health_interval_s,
+        timeout_s=config.db_timeout_s,
+    )
+    limits = Limits(
+        max_message_chars=config.max_message_chars,
+        max_messages_per_append=config.max_messages_per_append,
+        default_page_size=config.default_page_size,
+        max_page_size=config.max_page_size,
+    )
+    servicer = SessionStoreServicer(store, limits, ready=lambda: probe.ready)
+    return SessionServer(
+        host=config.host,
+        port=config.port,
+        service_names=[SERVICE_NAME],
+        register=lambda server: session_pb2_grpc.add_SessionStoreServicer_to_server(servicer, server),
+        on_stop=store.close,
+        probe=probe,
+    )
+
+
+async def serve(config: SessionConfig) -> None:
+    server = await create_server(config)
+    await server.start()
+    await serve_forever(server, config.grace_s)

@@ -1,0 +1,338 @@
+"""The session store on SQLAlchemy async: the same code for SQLite and Postgres."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.common.errors import Aborted, AlreadyExists, NotFound
+from services.session import db
+from services.session.model import (
+    AppendResult,
+    EraseResult,
+    HistoryPage,
+    Message,
+    NewMessage,
+    NewSession,
+    Role,
+    SessionExport,
+    SessionInfo,
+    Window,
+)
+from services.session.tables import messages, sessions
+from services.session.window import select_window
+
+# Newest-first batch size when collecting a window.
+WINDOW_BATCH = 256
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _session_info(row: Any) -> SessionInfo:
+    return SessionInfo(
+        session_id=row.id,
+        tenant=row.tenant,
+        user_id=row.user_id,
+        model=row.model,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        metadata=dict(row.metadata or {}),
+        last_seq=row.last_seq,
+        retention_days=row.retention_days,
+    )
+
+
+def _message(row: Any) -> Message:
+    return Message(
+        seq=row.seq,
+        role=Role(row.role),
+        content=row.content,
+        client_msg_id=row.client_msg_id or "",
+        token_count=row.token_count,
+        created_at=row.created_at,
+    )
+
+
+_MESSAGE_COLUMNS = (
+    messages.c.seq,
+    messages.c.role,
+    messages.c.content,
+    messages.c.client_msg_id,
+    messages.c.token_count,
+    messages.c.created_at,
+)
+
+
+class SqlStore:
+    """Implements `services.session.store.Store`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sqlite = db.is_sqlite(engine)
+
+    @classmethod
+    def from_url(cls, database_url: str, *, pool_size: int = 5, timeout_s: float = 5.0) -> SqlStore:
+        return cls(db.create_engine(database_url, pool_size=pool_size, timeout_s=timeout_s))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def _tx(self, *, write: bool = False) -> AsyncIterator[AsyncConnection]:
+        """One transaction. Writers serialise on SQLite through BEGIN IMMEDIATE;
+        on Postgres they lock the rows they change (FOR UPDATE)."""
+        with db.db_errors():
+            async with self.engine.connect() as conn:
+                if write and self._sqlite:
+                    conn = await conn.execution_options(**{db.SQLITE_BEGIN: "IMMEDIATE"})
+                async with conn.begin():
+                    yield conn
+
+    async def ping(self) -> None:
+        async with self._tx() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def _session_row(
+        self, conn: AsyncConnection, tenant: str, session_id: str, *, lock: bool = False
+    ) -> Any:
+        query = sa.select(sessions).where(sessions.c.tenant == tenant, sessions.c.id == session_id)
+        if lock:
+            query = query.with_for_update()
+        row = (await conn.execute(query)).first()
+        if row is None:
+            raise NotFound(f"session {session_id!r} not found")
+        return row
+
+    async def create_session(self, new: NewSession) -> SessionInfo:
+        now = _now()
+        try:
+            async with self._tx(write=True) as conn:
+                existing = (
+                    await conn.execute(
+                        sa.select(sessions).where(
+                            sessions.c.tenant == new.tenant, sessions.c.id == new.session_id
+                        )
+                    )
+                ).first()
+                if existing is not None:
+                    return self._same_session(_session_info(existing), new)
+                await conn.execute(
+                    sa.insert(sessions).values(
+                        id=new.session_id,
+                        tenant=new.tenant,
+                        user_id=new.user_id,
+                        model=new.model,
+                        created_at=now,
+                        updated_at=now,
+                        metadata=dict(new.metadata),
+                        last_seq=0,
+                        retention_days=new.retention_days,
+                    )
+                )
+        except Aborted:
+            # Lost a race with a concurrent create of the same id (Postgres).
+            return self._same_session(await self.get_session(new.tenant, new.session_id), new)
+        return SessionInfo(
+            session_id=new.session_id,
+            tenant=new.tenant,
+            user_id=new.user_id,
+            model=new.model,
+            created_at=now,
+            updated_at=now,
+            metadata=dict(new.metadata),
+            last_seq=0,
+            retention_days=new.retention_days,
+        )
+
+    @staticmethod
+    def _same_session(existing: SessionInfo, new: NewSession) -> SessionInfo:
+        if existing.user_id != new.user_id or existing.model != new.model:
+            raise AlreadyExists(f"session {new.session_id!r} already exists for another user or model")
+        return existing
+
+    async def get_session(self, tenant: str, session_id: str) -> SessionInfo:
+        async with self._tx() as conn:
+            return _session_info(await self._session_row(conn, tenant, session_id))
+
+    async def append(
+        self,
+        tenant: str,
+        session_id: str,
+        messages_in: Sequence[NewMessage],
+        expected_last_seq: int | None = None,
+    ) -> AppendResult:
+        async with self._tx(write=True) as conn:
+            session = await self._session_row(conn, tenant, session_id, lock=True)
+            stored = await self._by_client_id(conn, session.pk, messages_in)
+            fresh = [m for m in messages_in if m.client_msg_id not in stored]
+            if not fresh:
+                # A retry of an append that already committed: the originals, no new rows.
+                return AppendResult([stored[m.client_msg_id] for m in messages_in], session.last_seq)
+            if expected_last_seq is not None and expected_last_seq != session.last_seq:
+                raise Aborted(
+                    f"expected_last_seq={expected_last_seq} but the session is at {session.last_seq}; "
+                    "re-read the history and retry"
+                )
+            now = _now()
+            seq = session.last_seq
+            written: dict[int, Message] = {}
+            rows = []
+            for i, m in enumerate(messages_in):
+                if m.client_msg_id in stored:
+                    continue
+                seq += 1
+                written[i] = Message(seq, Role(m.role), m.content, m.client_msg_id, m.token_count, now)
+                rows.append(
+                    {
+                        "session_pk": session.pk,
+                        "seq": seq,
+                        "client_msg_id": m.client_msg_id or None,
+                        "role": int(m.role),
+                        "content": m.content,
+                        "token_count": m.token_count,
+                        "created_at": now,
+                    }
+                )
+            await conn.execute(sa.insert(messages), rows)
+            await conn.execute(
+                sa.update(sessions).where(sessions.c.pk == session.pk).values(last_seq=seq, updated_at=now)
+            )
+        out = [written[i] if i in written else stored[m.client_msg_id] for i, m in enumerate(messages_in)]
+        return AppendResult(out, seq)
+
+    @staticmethod
+    async def _by_client_id(
+        conn: AsyncConnection, session_pk: int, messages_in: Sequence[NewMessage]
+    ) -> dict[str, Message]:
+        """Stored messages that share a client_msg_id with `messages_in`."""
+        keys = [m.client_msg_id for m in messages_in if m.client_msg_id]
+        if not keys:
+            return {}
+        rows = await conn.execute(
+            sa.select(*_MESSAGE_COLUMNS).where(
+                messages.c.session_pk == session_pk, messages.c.client_msg_id.in_(keys)
+            )
+        )
+        stored = {row.client_msg_id: _message(row) for row in rows}
+        for i, m in enumerate(messages_in):
+            original = stored.get(m.client_msg_id)
+            if original is not None and (original.role != m.role or original.content != m.content):
+                raise AlreadyExists(
+                    f"messages[{i}].client_msg_id {m.client_msg_id!r} was already used for a different "
+                    f"message (seq {original.seq})"
+                )
+        return stored
+
+    async def history(self, tenant: str, session_id: str, after_seq: int, limit: int) -> HistoryPage:
+        async with self._tx() as conn:
+            session = await self._session_row(conn, tenant, session_id)
+            rows = await conn.execute(
+                sa.select(*_MESSAGE_COLUMNS)
+                .where(messages.c.session_pk == session.pk, messages.c.seq > after_seq)
+                .order_by(messages.c.seq)
+                .limit(limit + 1)
+            )
+            found = [_message(row) for row in rows]
+        return HistoryPage(found[:limit], has_more=len(found) > limit)
+
+    async def window(self, tenant: str, session_id: str, token_budget: int) -> Window:
+        async with self._tx() as conn:
+            session = await self._session_row(conn, tenant, session_id)
+            if token_budget <= 0:
+                candidates = await self._all_messages(conn, session.pk)
+            else:
+                candidates = await self._window_candidates(conn, session.pk, token_budget)
+        chosen, truncated = select_window(candidates, token_budget)
+        return Window(chosen, session.last_seq, truncated)
+
+    async def _window_candidates(
+        self, conn: AsyncConnection, session_pk: int, token_budget: int
+    ) -> list[Message]:
+        """Enough of the history for select_window to decide exactly as on all of it:
+        the first system message plus newest messages up to the first that cannot fit."""
+        system_row = (
+            await conn.execute(
+                sa.select(*_MESSAGE_COLUMNS)
+                .where(messages.c.session_pk == session_pk, messages.c.role == int(Role.SYSTEM))
+                .order_by(messages.c.seq)
+                .limit(1)
+            )
+        ).first()
+        system = _message(system_row) if system_row is not None else None
+        remaining = token_budget - (system.token_count if system is not None else 0)
+        found: list[Message] = []
+        before: int | None = None
+        while True:
+            query = sa.select(*_MESSAGE_COLUMNS).where(messages.c.session_pk == session_pk)
+            if before is not None:
+                query = query.where(messages.c.seq < before)
+            batch = [
+                _message(row)
+                for row in await conn.execute(query.order_by(messages.c.seq.desc()).limit(WINDOW_BATCH))
+            ]
+            for m in batch:
+                found.append(m)
+                if system is None or m.seq != system.seq:
+                    remaining -= m.token_count
+                    if remaining < 0:
+                        break
+            # Stopping early is exact: the message that did not fit is in `found`,
+            # so select_window sees that the history was truncated.
+            if remaining < 0 or len(batch) < WINDOW_BATCH:
+                break
+            before = batch[-1].seq
+        if system is not None and all(m.seq != system.seq for m in found):
+            found.append(system)
+        found.sort(key=lambda m: m.seq)
+        return found
+
+    @staticmethod
+    async def _all_messages(conn: AsyncConnection, session_pk: int) -> list[Message]:
+        rows = await conn.execute(
+            sa.select(*_MESSAGE_COLUMNS).where(messages.c.session_pk == session_pk).order_by(messages.c.seq)
+        )
+        return [_message(row) for row in rows]
+
+    async def delete_session(self, tenant: str, session_id: str) -> None:
+        async with self._tx(write=True) as conn:
+            session = await self._session_row(conn, tenant, session_id, lock=True)
+            await conn.execute(sa.delete(messages).where(messages.c.session_pk == session.pk))
+            await conn.execute(sa.delete(sessions).where(sessions.c.pk == session.pk))
+
+    async def export_user(self, tenant: str, user_id: str) -> AsyncIterator[SessionExport]:
+        # One short transaction per session: a slow reader must not hold a connection.
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                sa.select(sessions)
+                .where(sessions.c.tenant == tenant, sessions.c.user_id == user_id)
+                .order_by(sessions.c.created_at, sessions.c.pk)
+            )
+            owned = [(row.pk, _session_info(row)) for row in rows]
+        for pk, info in owned:
+            async with self._tx() as conn:
+                found = await self._all_messages(conn, pk)
+            yield SessionExport(info, found)
+
+    async def erase_user(self, tenant: str, user_id: str) -> EraseResult:
+        owned = sa.select(sessions.c.pk).where(sessions.c.tenant == tenant, sessions.c.user_id == user_id)
+        async with self._tx(write=True) as conn:
+            # Lock first so that no append slips in between the two deletes.
+            await conn.execute(owned.with_for_update())
+            erased_messages = (
+                await conn.execute(
+                    sa.delete(messages).where(messages.c.session_pk.in_(owned.scalar_subquery()))
+                )
+            ).rowcount
+            erased_sessions = (
+                await conn.execute(
+                    sa.delete(sessions).where(sessions.c.tenant == tenant, sessions.c.user_id == user_id)
+                )
+            ).rowcount
+        return EraseResult(erased_sessions, erased_messages)
