@@ -60,6 +60,17 @@ def _message(row: Any) -> Message:
     )
 
 
+# Columns of `sessions` named like the SessionInfo fields they hold.
+_SESSION_FIELDS = (
+    "tenant",
+    "user_id",
+    "model",
+    "created_at",
+    "updated_at",
+    "metadata",
+    "last_seq",
+    "retention_days",
+)
 _MESSAGE_COLUMNS = (
     messages.c.seq,
     messages.c.role,
@@ -99,57 +110,47 @@ class SqlStore:
         async with self._tx() as conn:
             await conn.execute(sa.text("SELECT 1"))
 
-    async def _session_row(
-        self, conn: AsyncConnection, tenant: str, session_id: str, *, lock: bool = False
+    @staticmethod
+    async def _find_session(
+        conn: AsyncConnection, tenant: str, session_id: str, *, lock: bool = False
     ) -> Any:
         query = sa.select(sessions).where(sessions.c.tenant == tenant, sessions.c.id == session_id)
         if lock:
             query = query.with_for_update()
-        row = (await conn.execute(query)).first()
+        return (await conn.execute(query)).first()
+
+    async def _session_row(
+        self, conn: AsyncConnection, tenant: str, session_id: str, *, lock: bool = False
+    ) -> Any:
+        row = await self._find_session(conn, tenant, session_id, lock=lock)
         if row is None:
             raise NotFound(f"session {session_id!r} not found")
         return row
 
     async def create_session(self, new: NewSession) -> SessionInfo:
         now = _now()
+        info = SessionInfo(
+            new.session_id,
+            new.tenant,
+            new.user_id,
+            new.model,
+            now,
+            now,
+            dict(new.metadata),
+            0,
+            new.retention_days,
+        )
         try:
             async with self._tx(write=True) as conn:
-                existing = (
-                    await conn.execute(
-                        sa.select(sessions).where(
-                            sessions.c.tenant == new.tenant, sessions.c.id == new.session_id
-                        )
-                    )
-                ).first()
+                existing = await self._find_session(conn, new.tenant, new.session_id)
                 if existing is not None:
                     return self._same_session(_session_info(existing), new)
-                await conn.execute(
-                    sa.insert(sessions).values(
-                        id=new.session_id,
-                        tenant=new.tenant,
-                        user_id=new.user_id,
-                        model=new.model,
-                        created_at=now,
-                        updated_at=now,
-                        metadata=dict(new.metadata),
-                        last_seq=0,
-                        retention_days=new.retention_days,
-                    )
-                )
+                values = {name: getattr(info, name) for name in _SESSION_FIELDS}
+                await conn.execute(sa.insert(sessions).values(id=info.session_id, **values))
         except Aborted:
             # Lost a race with a concurrent create of the same id (Postgres).
             return self._same_session(await self.get_session(new.tenant, new.session_id), new)
-        return SessionInfo(
-            session_id=new.session_id,
-            tenant=new.tenant,
-            user_id=new.user_id,
-            model=new.model,
-            created_at=now,
-            updated_at=now,
-            metadata=dict(new.metadata),
-            last_seq=0,
-            retention_days=new.retention_days,
-        )
+        return info
 
     @staticmethod
     def _same_session(existing: SessionInfo, new: NewSession) -> SessionInfo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections.abc import Sequence
@@ -84,14 +85,7 @@ def normalize_new_session(new: NewSession) -> NewSession:
     if new.session_id:
         _check_session_id(new.session_id)
         return new
-    return NewSession(
-        tenant=new.tenant,
-        user_id=new.user_id,
-        model=new.model,
-        metadata=dict(new.metadata),
-        retention_days=new.retention_days,
-        session_id=str(uuid.uuid4()),
-    )
+    return dataclasses.replace(new, session_id=str(uuid.uuid4()))
 
 
 def normalize_messages(messages: Sequence[NewMessage], limits: Limits) -> list[NewMessage]:

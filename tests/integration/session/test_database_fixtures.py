@@ -70,7 +70,7 @@ async def test_no_server_fails_saying_what_was_tried(monkeypatch):
         assert attempt in message
 
     with pytest.raises(pytest.fail.Exception) as info:
-        databases._find_redis()
+        await databases._find_redis()
     message = str(info.value)
     for attempt in (databases.REDIS_ENV, "testcontainers", "127.0.0.1:1", "redis-server"):
         assert attempt in message
@@ -80,3 +80,11 @@ async def test_a_configured_server_that_does_not_answer_fails(monkeypatch):
     monkeypatch.setenv(databases.POSTGRES_ENV, "postgresql://postgres@127.0.0.1:1/test")
     with pytest.raises(pytest.fail.Exception, match=databases.POSTGRES_ENV):
         await databases._find_postgres()
+
+
+def test_redis_url_answers(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.ping()
+    finally:
+        client.close()
