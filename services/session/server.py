@@ -42,7 +42,7 @@ class DatabaseProbe:
         try:
             if self._migrate and not self.ready:
                 await migrate.upgrade(self._url, timeout_s=self._timeout_s)
-                logger.info("database migrated")
+                logger.info("database schema up to date")
             async with asyncio.timeout(2 * self._timeout_s):
                 await self._store.ping()
         except Exception as exc:

@@ -172,8 +172,7 @@ class SqlStore:
         async with self._tx(write=True) as conn:
             session = await self._session_row(conn, tenant, session_id, lock=True)
             stored = await self._by_client_id(conn, session.pk, messages_in)
-            fresh = [m for m in messages_in if m.client_msg_id not in stored]
-            if not fresh:
+            if all(m.client_msg_id in stored for m in messages_in):
                 # A retry of an append that already committed: the originals, no new rows.
                 return AppendResult([stored[m.client_msg_id] for m in messages_in], session.last_seq)
             if expected_last_seq is not None and expected_last_seq != session.last_seq:
