@@ -69,8 +69,8 @@ class GrpcServer:
 
     async def start(self, serving: bool = True) -> None:
         await self.server.start()
-        if serving:
-            await self.set_serving(True)
+        # The health servicer answers SERVING for "" by default; say the truth from the start.
+        await self.set_serving(serving)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
