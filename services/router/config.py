@@ -1,0 +1,84 @@
+"""Typed configuration of the router: where the workers, embedders and session service are,
+and the limits it enforces on requests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import ConfigError, setting
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = setting("127.0.0.1", "Interface the public gRPC API listens on.")
+    port: int = setting(50051, "Port of the public gRPC API; 0 picks a free one.", min=0, max=65535)
+    log_level: str = setting("info", "Log level.", choices=["debug", "info", "warning", "error"])
+    grace_s: float = setting(10.0, "Seconds in-flight streams get to finish on shutdown.", min=0)
+    router_id: str = setting("", "Name of this replica in cluster status; empty generates one.")
+
+    worker_addresses: list[str] = setting([], "host:port of each generation worker.")
+    embedder_addresses: list[str] = setting([], "host:port of each embedder.")
+    session_address: str = setting("", "host:port of the session service; empty disables sessions.")
+
+    default_chat_model: str = setting(
+        "", "Model used when a Generate request names none; empty = the first chat model reported."
+    )
+    default_embedding_model: str = setting(
+        "", "Model used when an Embed request names none; empty = the first embedding model reported."
+    )
+    default_max_tokens: int = setting(256, "max_tokens when a request leaves it unset.", min=1)
+    max_tokens_limit: int = setting(
+        4096, "Largest max_tokens a request may ask for (also capped by the model's context).", min=1
+    )
+    max_stop_sequences: int = setting(16, "Most stop strings one request may carry.", min=0)
+    max_embed_inputs: int = setting(256, "Most inputs one Embed request may carry.", min=1)
+    max_request_id_chars: int = setting(128, "Longest request_id a caller may send.", min=8)
+    history_token_budget: int = setting(
+        2048, "Tokens of session history put before a request (0 = the whole history).", min=0
+    )
+
+    load_report_interval_ms: int = setting(
+        100, "Interval asked of workers and embedders for their load reports.", min=10, max=60000
+    )
+    endpoint_stale_s: float = setting(
+        2.0, "An endpoint whose latest load report is older than this gets no new requests.", min=0.05
+    )
+    reconnect_backoff_max_s: float = setting(
+        5.0, "Longest wait between reconnection attempts to an endpoint.", min=0.05
+    )
+    downstream_timeout_s: float = setting(
+        10.0,
+        "Timeout of unary calls to endpoints and the session service "
+        "(a Generate stream is bounded by the caller's deadline instead).",
+        min=0.1,
+    )
+    dispatch_attempts: int = setting(
+        2, "Endpoints tried for one request when one is unavailable before answering.", min=1, max=10
+    )
+
+    def check(self) -> None:
+        for name in ("worker_addresses", "embedder_addresses"):
+            addresses: list[str] = getattr(self, name)
+            for address in addresses:
+                _check_address(f"router.{name}", address)
+            if len(set(addresses)) != len(addresses):
+                raise ConfigError(f"router.{name}={addresses!r}: addresses must be distinct")
+        if self.session_address:
+            _check_address("router.session_address", self.session_address)
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ConfigError(
+                f"router.default_max_tokens={self.default_max_tokens}: "
+                f"must be <= max_tokens_limit ({self.max_tokens_limit})"
+            )
+        # A report interval close to the staleness window would make healthy endpoints flap.
+        if self.endpoint_stale_s * 1000 < 2 * self.load_report_interval_ms:
+            raise ConfigError(
+                f"router.endpoint_stale_s={self.endpoint_stale_s}: must be at least twice "
+                f"load_report_interval_ms ({self.load_report_interval_ms} ms)"
+            )
+
+
+def _check_address(name: str, address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{name}={address!r}: must be host:port")

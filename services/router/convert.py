@@ -1,0 +1,346 @@
+"""Protobuf at the router's edge: from_pb/to_pb for its own API and for the calls it makes
+to workers, embedders and the session service. No other router module builds or reads
+message fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from infermesh.common.v1 import common_pb2
+from infermesh.embedder.v1 import embedder_pb2
+from infermesh.router.v1 import router_pb2
+from infermesh.session.v1 import session_pb2
+from infermesh.worker.v1 import worker_pb2
+from services.router.domain import (
+    ChatTurn,
+    Degradation,
+    DeviceSpec,
+    EmbedParams,
+    EndpointKind,
+    GenerateParams,
+    HistoryMessage,
+    LoadSnapshot,
+    ModelKind,
+    ModelSpec,
+    NewTurn,
+    Role,
+    Sampling,
+)
+from services.router.registry import EndpointView
+
+_ROLE_FROM_PB = {
+    common_pb2.ROLE_SYSTEM: Role.SYSTEM,
+    common_pb2.ROLE_USER: Role.USER,
+    common_pb2.ROLE_ASSISTANT: Role.ASSISTANT,
+    common_pb2.ROLE_TOOL: Role.TOOL,
+}
+_ROLE_TO_PB = {role: value for value, role in _ROLE_FROM_PB.items()}
+_MODEL_KIND_FROM_PB = {
+    common_pb2.MODEL_KIND_CHAT: ModelKind.CHAT,
+    common_pb2.MODEL_KIND_EMBEDDING: ModelKind.EMBEDDING,
+}
+_MODEL_KIND_TO_PB = {kind: value for value, kind in _MODEL_KIND_FROM_PB.items()}
+_ENDPOINT_KIND_TO_PB = {
+    EndpointKind.WORKER: router_pb2.ENDPOINT_KIND_WORKER,
+    EndpointKind.EMBEDDER: router_pb2.ENDPOINT_KIND_EMBEDDER,
+    EndpointKind.SESSION: router_pb2.ENDPOINT_KIND_SESSION,
+}
+_DEVICE_PREFIX = "DEVICE_TYPE_"
+
+
+# --- models and load ---------------------------------------------------------------------
+
+
+def _same_named(source: object, cls: type, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The scalar fields a plain dataclass shares by name with a message (or the reverse)."""
+    return {f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if f.name not in skip}
+
+
+_MODEL_OWN = frozenset({"kind"})
+_DEVICE_OWN = frozenset({"type"})
+_LOAD_OWN = frozenset({"at", "models", "device"})
+
+
+def model_from_pb(m: common_pb2.ModelInfo) -> ModelSpec:
+    kind = _MODEL_KIND_FROM_PB.get(m.kind, ModelKind.UNSPECIFIED)
+    return ModelSpec(**_same_named(m, ModelSpec, _MODEL_OWN), kind=kind)
+
+
+def model_to_pb(m: ModelSpec) -> common_pb2.ModelInfo:
+    kind = _MODEL_KIND_TO_PB.get(m.kind, common_pb2.MODEL_KIND_UNSPECIFIED)
+    return common_pb2.ModelInfo(**_same_named(m, ModelSpec, _MODEL_OWN), kind=kind)
+
+
+def models_from_pb(models: Sequence[common_pb2.ModelInfo]) -> tuple[ModelSpec, ...]:
+    return tuple(model_from_pb(m) for m in models)
+
+
+def _device_from_pb(d: common_pb2.DeviceInfo) -> DeviceSpec:
+    name = common_pb2.DeviceType.Name(d.type) if d.type in common_pb2.DeviceType.values() else ""
+    kind = name.removeprefix(_DEVICE_PREFIX).lower() if d.type else ""
+    return DeviceSpec(**_same_named(d, DeviceSpec, _DEVICE_OWN), type=kind)
+
+
+def _device_to_pb(d: DeviceSpec) -> common_pb2.DeviceInfo:
+    kind = _DEVICE_PREFIX + (d.type.upper() or "UNSPECIFIED")
+    return common_pb2.DeviceInfo(**_same_named(d, DeviceSpec, _DEVICE_OWN), type=kind)
+
+
+def load_from_pb(r: common_pb2.LoadReport) -> LoadSnapshot:
+    return LoadSnapshot(
+        **_same_named(r, LoadSnapshot, _LOAD_OWN),
+        at=_timestamp_seconds(r.at) if r.HasField("at") else 0.0,
+        models=models_from_pb(r.models),
+        device=_device_from_pb(r.device),
+    )
+
+
+def load_to_pb(s: LoadSnapshot) -> common_pb2.LoadReport:
+    report = common_pb2.LoadReport(
+        **_same_named(s, LoadSnapshot, _LOAD_OWN),
+        models=[model_to_pb(m) for m in s.models],
+        device=_device_to_pb(s.device),
+    )
+    if s.at:
+        report.at.FromNanoseconds(int(s.at * 1e9))
+    return report
+
+
+def _timestamp_seconds(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+# --- Generate ----------------------------------------------------------------------------
+
+
+def generate_from_pb(req: router_pb2.GenerateRequest) -> GenerateParams:
+    s = req.sampling
+    return GenerateParams(
+        model=req.model,
+        messages=tuple(ChatTurn(_ROLE_FROM_PB.get(m.role), m.content) for m in req.messages),
+        prompt=req.prompt if req.HasField("prompt") else None,
+        session_id=req.session_id if req.HasField("session_id") else None,
+        sampling=Sampling(
+            temperature=s.temperature if s.HasField("temperature") else None,
+            top_k=s.top_k if s.HasField("top_k") else None,
+            top_p=s.top_p if s.HasField("top_p") else None,
+            min_p=s.min_p if s.HasField("min_p") else None,
+            repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+            seed=s.seed if s.HasField("seed") else None,
+        ),
+        max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
+        stop=tuple(req.stop),
+        priority=req.priority,
+        deadline=_timestamp_seconds(req.deadline) if req.HasField("deadline") else None,
+        request_id=req.request_id,
+    )
+
+
+def chat_to_pb(turns: Sequence[ChatTurn]) -> list[common_pb2.ChatMessage]:
+    return [common_pb2.ChatMessage(role=_ROLE_TO_PB[t.role], content=t.content) for t in turns if t.role]
+
+
+def worker_request_to_pb(
+    req: router_pb2.GenerateRequest,
+    request_id: str,
+    model_id: str,
+    messages: Sequence[ChatTurn],
+    max_tokens: int,
+) -> worker_pb2.GenerateRequest:
+    """The worker's request: the caller's sampling and stops, the merged conversation."""
+    out = worker_pb2.GenerateRequest(
+        request_id=request_id,
+        model=model_id,
+        max_tokens=max_tokens,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        priority=req.priority,
+    )
+    out.sampling.CopyFrom(req.sampling)
+    if req.HasField("prompt"):
+        out.prompt = req.prompt
+    else:
+        out.messages.extend(chat_to_pb(messages))
+    return out
+
+
+def degradation_to_pb(d: Degradation) -> common_pb2.Degradation:
+    step = common_pb2.DegradationStep.Value(f"DEGRADATION_STEP_{d.step.name}")
+    return common_pb2.Degradation(step=step, reason=d.reason)
+
+
+def generate_response_to_pb(
+    resp: worker_pb2.GenerateResponse, request_id: str
+) -> router_pb2.GenerateResponse:
+    out = router_pb2.GenerateResponse(
+        request_id=request_id,
+        text=resp.text,
+        token_ids=resp.token_ids,
+        logprobs=resp.logprobs,
+        finish_reason=resp.finish_reason,
+    )
+    if resp.HasField("usage"):
+        out.usage.CopyFrom(resp.usage)
+    return out
+
+
+def usage_tokens(resp: router_pb2.GenerateResponse) -> tuple[int, int]:
+    """(prompt, completion) tokens of a final message; zeros when the worker did not say."""
+    return resp.usage.prompt_tokens, resp.usage.completion_tokens
+
+
+def is_final(resp: worker_pb2.GenerateResponse) -> bool:
+    return resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+
+
+def finished_normally(resp: worker_pb2.GenerateResponse) -> bool:
+    return resp.finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+
+
+# --- sessions ----------------------------------------------------------------------------
+
+
+def window_request(tenant: str, session_id: str, token_budget: int) -> session_pb2.GetWindowRequest:
+    return session_pb2.GetWindowRequest(tenant=tenant, session_id=session_id, token_budget=token_budget)
+
+
+def window_from_pb(resp: session_pb2.GetWindowResponse) -> list[HistoryMessage]:
+    return [
+        HistoryMessage(_ROLE_FROM_PB.get(m.role), m.content, m.client_msg_id, m.token_count)
+        for m in resp.messages
+    ]
+
+
+def append_turns_request(
+    tenant: str, session_id: str, turns: Sequence[NewTurn]
+) -> session_pb2.AppendMessagesRequest:
+    return session_pb2.AppendMessagesRequest(
+        tenant=tenant,
+        session_id=session_id,
+        messages=[
+            common_pb2.NewMessage(
+                role=_ROLE_TO_PB[t.role],
+                content=t.content,
+                client_msg_id=t.client_msg_id,
+                token_count=t.token_count,
+            )
+            for t in turns
+        ],
+    )
+
+
+def create_session_to_pb(
+    req: router_pb2.CreateSessionRequest, tenant: str
+) -> session_pb2.CreateSessionRequest:
+    return session_pb2.CreateSessionRequest(
+        tenant=tenant,
+        user_id=req.user_id,
+        model=req.model,
+        metadata=req.metadata,
+        retention_days=req.retention_days,
+    )
+
+
+def get_session_to_pb(req: router_pb2.GetSessionRequest, tenant: str) -> session_pb2.GetSessionRequest:
+    return session_pb2.GetSessionRequest(tenant=tenant, session_id=req.session_id)
+
+
+def get_history_to_pb(req: router_pb2.GetHistoryRequest, tenant: str) -> session_pb2.GetHistoryRequest:
+    return session_pb2.GetHistoryRequest(
+        tenant=tenant, session_id=req.session_id, after_seq=req.after_seq, page_size=req.page_size
+    )
+
+
+def get_history_from_pb(resp: session_pb2.GetHistoryResponse) -> router_pb2.GetHistoryResponse:
+    return router_pb2.GetHistoryResponse(messages=resp.messages, has_more=resp.has_more)
+
+
+def append_to_pb(req: router_pb2.AppendMessagesRequest, tenant: str) -> session_pb2.AppendMessagesRequest:
+    out = session_pb2.AppendMessagesRequest(tenant=tenant, session_id=req.session_id, messages=req.messages)
+    if req.HasField("expected_last_seq"):
+        out.expected_last_seq = req.expected_last_seq
+    return out
+
+
+def append_from_pb(resp: session_pb2.AppendMessagesResponse) -> router_pb2.AppendMessagesResponse:
+    return router_pb2.AppendMessagesResponse(messages=resp.messages, last_seq=resp.last_seq)
+
+
+def delete_session_to_pb(
+    req: router_pb2.DeleteSessionRequest, tenant: str
+) -> session_pb2.DeleteSessionRequest:
+    return session_pb2.DeleteSessionRequest(tenant=tenant, session_id=req.session_id)
+
+
+def export_to_pb(req: router_pb2.ExportUserDataRequest, tenant: str) -> session_pb2.ExportUserDataRequest:
+    return session_pb2.ExportUserDataRequest(tenant=tenant, user_id=req.user_id)
+
+
+def first_message_without_role(req: router_pb2.AppendMessagesRequest) -> int | None:
+    """Index of the first message without a role, or None when all have one."""
+    for i, m in enumerate(req.messages):
+        if m.role not in _ROLE_FROM_PB:
+            return i
+    return None
+
+
+# --- Embed, catalog, status --------------------------------------------------------------
+
+
+def embed_from_pb(req: router_pb2.EmbedRequest) -> EmbedParams:
+    return EmbedParams(model=req.model, inputs=tuple(req.inputs), request_id=req.request_id)
+
+
+def embed_request_to_pb(
+    req: router_pb2.EmbedRequest, request_id: str, model_id: str
+) -> embedder_pb2.EmbedRequest:
+    out = embedder_pb2.EmbedRequest(request_id=request_id, model=model_id, inputs=req.inputs)
+    if req.HasField("normalize"):
+        out.normalize = req.normalize
+    if req.HasField("truncate"):
+        out.truncate = req.truncate
+    return out
+
+
+def embed_response_from_pb(resp: embedder_pb2.EmbedResponse) -> router_pb2.EmbedResponse:
+    out = router_pb2.EmbedResponse(
+        model=resp.model,
+        embeddings=[
+            router_pb2.Embedding(values=e.values, truncated=e.truncated, token_count=e.token_count)
+            for e in resp.embeddings
+        ],
+    )
+    if resp.HasField("usage"):
+        out.usage.CopyFrom(resp.usage)
+    return out
+
+
+def list_models_to_pb(
+    models: Sequence[ModelSpec], default_chat: str, default_embedding: str
+) -> router_pb2.ListModelsResponse:
+    return router_pb2.ListModelsResponse(
+        models=[model_to_pb(m) for m in models],
+        default_chat_model=default_chat,
+        default_embedding_model=default_embedding,
+    )
+
+
+def endpoint_status_to_pb(view: EndpointView) -> router_pb2.EndpointStatus:
+    out = router_pb2.EndpointStatus(
+        address=view.address,
+        kind=_ENDPOINT_KIND_TO_PB[view.kind],
+        healthy=view.usable,
+        report_age_ms=0 if view.report_age_s is None else max(1, round(view.report_age_s * 1000)),
+        detail=view.detail,
+    )
+    if view.load is not None:
+        out.load.CopyFrom(load_to_pb(view.load))
+    return out
+
+
+def cluster_status_to_pb(router_id: str, views: Sequence[EndpointView]) -> router_pb2.ClusterStatus:
+    return router_pb2.ClusterStatus(router_id=router_id, endpoints=[endpoint_status_to_pb(v) for v in views])

@@ -1,0 +1,209 @@
+"""Keeps the registry current and places requests on it.
+
+One task per worker or embedder follows its gRPC health and its StreamLoad reports,
+learning its models from GetInfo, and reconnects with backoff when the connection breaks.
+The monitor also owns the channels that requests to those endpoints travel on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
+from infermesh.worker.v1 import worker_pb2, worker_pb2_grpc
+from services.common.errors import Unavailable
+from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
+from services.router import convert
+from services.router.domain import EndpointKind
+from services.router.placement import PlacementPolicy, create_placement_policy
+from services.router.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_INITIAL_BACKOFF_S = 0.1
+_PROTOCOLS: dict[EndpointKind, tuple[Any, Any]] = {
+    EndpointKind.WORKER: (worker_pb2_grpc.WorkerStub, worker_pb2),
+    EndpointKind.EMBEDDER: (embedder_pb2_grpc.EmbedderStub, embedder_pb2),
+}
+
+
+def channel_options(backoff_max_s: float) -> list[tuple[str, int]]:
+    # gRPC's own reconnect backoff grows to minutes by default; a restarted endpoint
+    # should be found again within our backoff.
+    backoff_max_ms = max(100, int(backoff_max_s * 1000))
+    return [
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", backoff_max_ms),
+    ]
+
+
+class Backoff:
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self._next = initial_s
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self.max_s, self._next * 2)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.initial_s
+
+
+class _NotReady(Exception):
+    pass
+
+
+class EndpointMonitor:
+    def __init__(
+        self,
+        *,
+        workers: Sequence[str],
+        embedders: Sequence[str],
+        report_interval_ms: int,
+        stale_after_s: float,
+        rpc_timeout_s: float,
+        backoff_max_s: float,
+        policy: PlacementPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = Registry(stale_after_s)
+        self.report_interval_ms = report_interval_ms
+        self.rpc_timeout_s = rpc_timeout_s
+        self.backoff_max_s = backoff_max_s
+        self.policy = policy or create_placement_policy()
+        self.clock = clock
+        self._kinds: dict[str, EndpointKind] = {}
+        for kind, addresses in ((EndpointKind.WORKER, workers), (EndpointKind.EMBEDDER, embedders)):
+            for address in addresses:
+                self.registry.add(address, kind)
+                self._kinds[address] = kind
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        for address, kind in self._kinds.items():
+            self._channels[address] = grpc.aio.insecure_channel(
+                address, options=channel_options(self.backoff_max_s)
+            )
+            self._tasks.append(asyncio.create_task(self._follow(address, kind), name=f"follow {address}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    def stub(self, address: str) -> Any:
+        stub_cls, _ = _PROTOCOLS[self._kinds[address]]
+        return stub_cls(self._channels[address])
+
+    def place(self, kind: EndpointKind, model_id: str, exclude: frozenset[str] = frozenset()) -> str:
+        """Address of the endpoint that gets the request; UNAVAILABLE naming the model if none can."""
+        now = self.clock()
+        candidates = self.registry.candidates(kind, model_id, now, exclude)
+        if not candidates:
+            raise Unavailable(
+                f"model {model_id!r} has no healthy {kind.value} ({self.registry.describe(kind, now)})"
+            )
+        return self.policy.choose(candidates).address
+
+    async def dispatch(
+        self, kind: EndpointKind, model_id: str, attempt: Callable[[str], Awaitable[T]], attempts: int
+    ) -> T:
+        """Run `attempt(address)` on a placed endpoint; on UNAVAILABLE, on another, up to `attempts`."""
+        tried: set[str] = set()
+        failure: tuple[str, grpc.aio.AioRpcError] | None = None
+        while len(tried) < attempts:
+            try:
+                address = self.place(kind, model_id, frozenset(tried))
+            except Unavailable:
+                if failure is None:
+                    raise
+                break
+            tried.add(address)
+            try:
+                return await attempt(address)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                    raise
+                failure = (address, exc)
+                logger.warning("%s %s unavailable for a request: %s", kind.value, address, exc.details())
+        assert failure is not None
+        failed_address, error = failure
+        raise Unavailable(f"{kind.value} {failed_address} is unavailable: {error.details()}")
+
+    async def _follow(self, address: str, kind: EndpointKind) -> None:
+        backoff = Backoff(_INITIAL_BACKOFF_S, self.backoff_max_s)
+        while True:
+            try:
+                await self._session(address, kind, backoff)
+                reason = "load report stream ended"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            except _NotReady as exc:
+                reason = str(exc)
+            was_usable = self.registry.is_usable(address, self.clock())
+            self.registry.on_down(address, reason)
+            # Retries against an endpoint that never came up would flood the log.
+            log = logger.warning if was_usable else logger.debug
+            log("%s %s is not usable: %s", kind.value, address, reason)
+            await asyncio.sleep(backoff.next())
+
+    async def _session(self, address: str, kind: EndpointKind, backoff: Backoff) -> None:
+        """One connection's life: health, models, then load reports until something breaks."""
+        channel = self._channels[address]
+        health = health_pb2_grpc.HealthStub(channel)
+        checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=self.rpc_timeout_s)
+        if checked.status != health_pb2.HealthCheckResponse.SERVING:
+            raise _NotReady("health is not SERVING yet")
+        stub_cls, messages = _PROTOCOLS[kind]
+        stub = stub_cls(channel)
+        info = await stub.GetInfo(messages.GetInfoRequest(), timeout=self.rpc_timeout_s)
+        self.registry.on_info(address, info.endpoint_id, convert.models_from_pb(info.models))
+        self.registry.on_serving(address, True)
+        tasks = [
+            asyncio.create_task(self._follow_load(address, kind, stub, messages, backoff)),
+            asyncio.create_task(self._watch_health(address, health)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()
+
+    async def _follow_load(
+        self, address: str, kind: EndpointKind, stub: Any, messages: Any, backoff: Backoff
+    ) -> None:
+        first = True
+        async for report in stub.StreamLoad(messages.StreamLoadRequest(interval_ms=self.report_interval_ms)):
+            self.registry.on_report(address, convert.load_from_pb(report), self.clock())
+            if first:
+                first = False
+                backoff.reset()
+                logger.info("%s %s is up", kind.value, address)
+
+    async def _watch_health(self, address: str, health: health_pb2_grpc.HealthStub) -> None:
+        # A draining endpoint turns NOT_SERVING before its load reports say so.
+        async for update in health.Watch(health_pb2.HealthCheckRequest()):
+            self.registry.on_serving(address, update.status == health_pb2.HealthCheckResponse.SERVING)

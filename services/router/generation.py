@@ -1,0 +1,185 @@
+"""The Generate flow: validate, prepend session history, place on a worker, relay the
+stream as it comes, and record the turn when the stream finishes normally."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from infermesh.router.v1 import router_pb2
+from services.common.errors import FailedPrecondition, Unavailable
+from services.common.logs import request_id_var
+from services.router import convert
+from services.router.config import RouterConfig
+from services.router.domain import (
+    Degradation,
+    DegradationStep,
+    EndpointKind,
+    GenerateParams,
+    HistoryMessage,
+)
+from services.router.endpoints import EndpointMonitor
+from services.router.history import history_tokens, merge_history, turns_to_append
+from services.router.sessions import SessionClient, SessionUnavailable
+from services.router.tenancy import tenant_of
+from services.router.validation import GenerateLimits, time_budget, validate_generate
+
+logger = logging.getLogger(__name__)
+
+NO_SESSION_SERVICE = "no session service is configured on this router (session_address is empty)"
+
+
+class _Deadline:
+    """The request's time budget as a point on the loop clock; None means unbounded."""
+
+    def __init__(self, budget_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._at = None if budget_s is None else loop.time() + budget_s
+
+    def remaining(self) -> float | None:
+        return None if self._at is None else max(0.0, self._at - self._loop.time())
+
+
+class Generation:
+    def __init__(
+        self, config: RouterConfig, endpoints: EndpointMonitor, sessions: SessionClient | None
+    ) -> None:
+        self.config = config
+        self.endpoints = endpoints
+        self.sessions = sessions
+        self.limits = GenerateLimits(
+            default_max_tokens=config.default_max_tokens,
+            max_tokens_limit=config.max_tokens_limit,
+            max_stop_sequences=config.max_stop_sequences,
+            max_request_id_chars=config.max_request_id_chars,
+        )
+
+    async def stream(
+        self, req: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        params = convert.generate_from_pb(req)
+        request_id = params.request_id or uuid.uuid4().hex
+        request_id_var.set(request_id)
+        resolved = validate_generate(
+            params, self.endpoints.registry.catalog(), self.config.default_chat_model, self.limits
+        )
+        deadline = _Deadline(time_budget(context.time_remaining(), params.deadline, time.time()))
+        tenant = tenant_of(context)
+
+        window: list[HistoryMessage] = []
+        degraded: list[Degradation] = []
+        record = False
+        if params.session_id is not None:
+            if self.sessions is None:
+                raise FailedPrecondition(f"session_id: {NO_SESSION_SERVICE}")
+            try:
+                window = await self.sessions.window(
+                    tenant, params.session_id, self.config.history_token_budget, deadline.remaining()
+                )
+                record = True
+            except SessionUnavailable as exc:
+                logger.warning("answering without history: %s", exc.message)
+                degraded.append(
+                    Degradation(
+                        DegradationStep.HISTORY_UNAVAILABLE,
+                        f"{exc.message}; answered without history and the turn was not recorded",
+                    )
+                )
+
+        messages = merge_history(window, params.messages, request_id)
+        worker_req = convert.worker_request_to_pb(
+            req, request_id, resolved.model.id, messages, resolved.max_tokens
+        )
+
+        address = ""
+
+        async def open_stream(placed: str) -> tuple[Any, Any]:
+            nonlocal address
+            address = placed
+            call = self.endpoints.stub(placed).Generate(worker_req, timeout=deadline.remaining())
+            try:
+                return call, await call.read()
+            except BaseException:
+                call.cancel()
+                raise
+
+        call = None
+        try:
+            call, resp = await self.endpoints.dispatch(
+                EndpointKind.WORKER, resolved.model.id, open_stream, self.config.dispatch_attempts
+            )
+            reply: list[str] = []
+            first = True
+            while resp is not grpc.aio.EOF:
+                out = convert.generate_response_to_pb(resp, request_id)
+                if first:
+                    first = False
+                    out.model = resp.model or resolved.model.id
+                    out.worker = address
+                    out.session_id = params.session_id or ""
+                    out.degraded.extend(convert.degradation_to_pb(d) for d in degraded)
+                reply.append(resp.text)
+                if convert.is_final(resp):
+                    if record and convert.finished_normally(resp):
+                        note = await self._record(
+                            params, tenant, window, "".join(reply), resp, request_id, deadline
+                        )
+                        if note is not None:
+                            out.degraded.append(convert.degradation_to_pb(note))
+                    yield out
+                    return
+                yield out
+                resp = await call.read()
+            raise Unavailable(f"worker {address} ended the stream without a finish reason")
+        except grpc.aio.AioRpcError as exc:
+            raise _worker_error(exc, address) from None
+        finally:
+            if call is not None:
+                # Also reached when the client cancels: the worker stops generating at once.
+                call.cancel()
+
+    async def _record(
+        self,
+        params: GenerateParams,
+        tenant: str,
+        window: list[HistoryMessage],
+        reply: str,
+        final: Any,
+        request_id: str,
+        deadline: _Deadline,
+    ) -> Degradation | None:
+        """Append the turn; a failure degrades the answer instead of failing it."""
+        assert self.sessions is not None and params.session_id is not None
+        prompt_tokens, completion_tokens = convert.usage_tokens(final)
+        turns = turns_to_append(
+            params.messages,
+            reply,
+            request_id,
+            prompt_tokens,
+            completion_tokens,
+            history_tokens(window, request_id),
+        )
+        try:
+            await self.sessions.append_turns(tenant, params.session_id, turns, deadline.remaining())
+        except (SessionUnavailable, grpc.aio.AioRpcError) as exc:
+            reason = (
+                exc.message if isinstance(exc, SessionUnavailable) else f"{exc.code().name}: {exc.details()}"
+            )
+            logger.warning("turn not recorded: %s", reason)
+            return Degradation(DegradationStep.HISTORY_UNAVAILABLE, f"the turn was not recorded: {reason}")
+        return None
+
+
+def _worker_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return Unavailable(f"worker {address} failed ({exc.code().name}: {exc.details()})")
+    # The worker's own verdicts (INVALID_ARGUMENT for a prompt over the context,
+    # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ...) reach the caller unchanged.
+    return exc

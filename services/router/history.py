@@ -1,0 +1,67 @@
+"""Session history around a Generate call: what goes before the request, what gets appended.
+
+Appended messages carry client_msg_ids derived from the request id, so a retried request
+neither duplicates the turn nor sees its own earlier attempt in the history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.router.domain import ChatTurn, HistoryMessage, NewTurn, Role
+
+
+def msg_id_prefix(request_id: str) -> str:
+    return f"{request_id}/"
+
+
+def merge_history(
+    window: Sequence[HistoryMessage], new: Sequence[ChatTurn], request_id: str
+) -> list[ChatTurn]:
+    """The conversation the worker sees: system prompt, past turns, then the request's messages.
+
+    Chat templates want the system prompt first, so system messages lead; a system message
+    in the request replaces the stored one for this call.
+    """
+    prefix = msg_id_prefix(request_id)
+    past = [m for m in window if m.role is not None and not m.client_msg_id.startswith(prefix)]
+    if not past:
+        return list(new)
+    new_system = [t for t in new if t.role is Role.SYSTEM]
+    old_system = [] if new_system else [ChatTurn(m.role, m.content) for m in past if m.role is Role.SYSTEM]
+    old_rest = [ChatTurn(m.role, m.content) for m in past if m.role is not Role.SYSTEM]
+    new_rest = [t for t in new if t.role is not Role.SYSTEM]
+    return [*old_system, *new_system, *old_rest, *new_rest]
+
+
+def history_tokens(window: Sequence[HistoryMessage], request_id: str) -> int | None:
+    """Tokens of the history put before the request; None when some message's count is unknown."""
+    prefix = msg_id_prefix(request_id)
+    counts = [m.token_count for m in window if m.role is not None and not m.client_msg_id.startswith(prefix)]
+    return None if any(c <= 0 for c in counts) else sum(counts)
+
+
+def turns_to_append(
+    new: Sequence[ChatTurn],
+    reply: str,
+    request_id: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    past_tokens: int | None,
+) -> list[NewTurn]:
+    """The request's messages and the reply, ready for one AppendMessages call.
+
+    A lone new message is credited with the prompt tokens the history did not account for
+    (template overhead included); otherwise the split is unknown and left to the store (0).
+    """
+    prefix = msg_id_prefix(request_id)
+    single_count = 0
+    if len(new) == 1 and past_tokens is not None and prompt_tokens > past_tokens:
+        single_count = prompt_tokens - past_tokens
+    turns = [
+        NewTurn(turn.role, turn.content, f"{prefix}{i}", single_count)
+        for i, turn in enumerate(new)
+        if turn.role is not None
+    ]
+    turns.append(NewTurn(Role.ASSISTANT, reply, f"{prefix}reply", completion_tokens))
+    return turns

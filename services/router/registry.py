@@ -1,0 +1,136 @@
+"""What the router knows about each worker and embedder: models, health and latest load.
+
+Pure state: the endpoint monitor feeds it events with a clock reading; placement and
+cluster status read it. An endpoint is usable when it is connected, its health is
+SERVING, its latest report is fresh and it is not draining.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.router.domain import EndpointKind, LoadSnapshot, ModelKind, ModelSpec
+from services.router.placement import Candidate
+
+
+@dataclass
+class EndpointState:
+    address: str
+    kind: EndpointKind
+    endpoint_id: str = ""
+    models: tuple[ModelSpec, ...] = ()
+    connected: bool = False
+    serving: bool = False
+    load: LoadSnapshot | None = None
+    reported_at: float | None = None  # clock reading when the latest report arrived
+    error: str = "not connected yet"
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    address: str
+    kind: EndpointKind
+    usable: bool
+    detail: str
+    load: LoadSnapshot | None
+    report_age_s: float | None
+    models: tuple[ModelSpec, ...]
+
+
+class Registry:
+    def __init__(self, stale_after_s: float) -> None:
+        self.stale_after_s = stale_after_s
+        self._endpoints: dict[str, EndpointState] = {}
+
+    def add(self, address: str, kind: EndpointKind) -> None:
+        if address in self._endpoints:
+            raise ValueError(f"endpoint {address} is already registered")
+        self._endpoints[address] = EndpointState(address, kind)
+
+    def on_info(self, address: str, endpoint_id: str, models: tuple[ModelSpec, ...]) -> None:
+        state = self._endpoints[address]
+        state.endpoint_id = endpoint_id
+        state.models = models
+        state.connected = True
+        state.error = ""
+
+    def on_serving(self, address: str, serving: bool) -> None:
+        self._endpoints[address].serving = serving
+
+    def on_report(self, address: str, load: LoadSnapshot, now: float) -> None:
+        state = self._endpoints[address]
+        state.load = load
+        state.reported_at = now
+        if load.models:
+            state.models = load.models
+
+    def on_down(self, address: str, reason: str) -> None:
+        """The connection broke. Models stay known so requests for them get UNAVAILABLE, not 'unknown'."""
+        state = self._endpoints[address]
+        state.connected = False
+        state.serving = False
+        state.error = reason
+
+    def _assess(self, state: EndpointState, now: float) -> tuple[bool, str]:
+        if not state.connected:
+            return False, f"disconnected: {state.error}"
+        if not state.serving:
+            return False, "health is not SERVING"
+        if state.load is None or state.reported_at is None:
+            return False, "no load report yet"
+        age = now - state.reported_at
+        if age > self.stale_after_s:
+            return False, f"stale: last load report {age:.1f}s ago"
+        if state.load.draining:
+            return False, "draining"
+        return True, "ok"
+
+    def is_usable(self, address: str, now: float) -> bool:
+        return self._assess(self._endpoints[address], now)[0]
+
+    def views(self, now: float) -> list[EndpointView]:
+        out = []
+        for state in self._endpoints.values():
+            usable, detail = self._assess(state, now)
+            age = None if state.reported_at is None else max(0.0, now - state.reported_at)
+            out.append(EndpointView(state.address, state.kind, usable, detail, state.load, age, state.models))
+        return out
+
+    def candidates(
+        self, kind: EndpointKind, model_id: str, now: float, exclude: frozenset[str] = frozenset()
+    ) -> list[Candidate]:
+        """Usable endpoints of `kind` serving `model_id`, in configured order."""
+        out = []
+        for state in self._endpoints.values():
+            if state.kind is not kind or state.address in exclude:
+                continue
+            if not any(m.id == model_id for m in state.models):
+                continue
+            if self._assess(state, now)[0] and state.load is not None:
+                out.append(Candidate(state.address, state.load.waiting + state.load.running))
+        return out
+
+    def describe(self, kind: EndpointKind, now: float) -> str:
+        """One line per endpoint of `kind` saying why it is (not) usable, for error messages."""
+        parts = [
+            f"{state.address} {self._assess(state, now)[1]}"
+            for state in self._endpoints.values()
+            if state.kind is kind
+        ]
+        return "; ".join(parts) if parts else f"no {kind.value} configured"
+
+    def catalog(self, kind: ModelKind | None = None) -> list[ModelSpec]:
+        """Models known from every endpoint, first-seen order, the smallest context where they differ."""
+        merged: dict[str, ModelSpec] = {}
+        for state in self._endpoints.values():
+            for model in state.models:
+                if kind is not None and model.kind is not kind:
+                    continue
+                known = merged.get(model.id)
+                if known is None:
+                    merged[model.id] = model
+                elif model.context_length and (
+                    not known.context_length or model.context_length < known.context_length
+                ):
+                    merged[model.id] = model
+        return list(merged.values())

@@ -1,0 +1,62 @@
+"""Router server factory: endpoint monitor, session client and servicers on one GrpcServer."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+
+from infermesh.router.v1 import router_pb2, router_pb2_grpc
+from services.common.server import GrpcServer, serve_forever
+from services.router.config import RouterConfig
+from services.router.endpoints import EndpointMonitor, channel_options
+from services.router.servicer import AdminServicer, InferenceServicer
+from services.router.sessions import SessionClient
+
+SERVICE_NAMES = [
+    router_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    router_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+]
+
+
+async def create_server(config: RouterConfig) -> GrpcServer:
+    """Bind the router (not started). Endpoint discovery starts here, so the registry is
+    warming up by the time the server answers; the router serves even before any worker
+    is known (Generate then answers UNAVAILABLE)."""
+    endpoints = EndpointMonitor(
+        workers=config.worker_addresses,
+        embedders=config.embedder_addresses,
+        report_interval_ms=config.load_report_interval_ms,
+        stale_after_s=config.endpoint_stale_s,
+        rpc_timeout_s=config.downstream_timeout_s,
+        backoff_max_s=config.reconnect_backoff_max_s,
+    )
+    sessions = None
+    if config.session_address:
+        channel = grpc.aio.insecure_channel(
+            config.session_address, options=channel_options(config.reconnect_backoff_max_s)
+        )
+        sessions = SessionClient(config.session_address, channel, config.downstream_timeout_s)
+    router_id = config.router_id or f"router-{uuid.uuid4().hex[:8]}"
+    inference = InferenceServicer(config, endpoints, sessions, router_id)
+
+    def register(server: grpc.aio.Server) -> None:
+        router_pb2_grpc.add_InferenceServicer_to_server(inference, server)
+        router_pb2_grpc.add_AdminServicer_to_server(AdminServicer(), server)
+
+    async def on_stop() -> None:
+        await endpoints.stop()
+        if sessions is not None:
+            await sessions.close()
+
+    server = GrpcServer(
+        host=config.host, port=config.port, service_names=SERVICE_NAMES, register=register, on_stop=on_stop
+    )
+    await endpoints.start()
+    return server
+
+
+async def serve(config: RouterConfig) -> None:
+    server = await create_server(config)
+    await server.start()
+    await serve_forever(server, config.grace_s)

@@ -1,0 +1,135 @@
+"""Registry state transitions: connected, serving, fresh, stale, draining, down."""
+
+from __future__ import annotations
+
+from services.router.domain import EndpointKind, LoadSnapshot, ModelKind, ModelSpec
+from services.router.placement import Candidate
+from services.router.registry import Registry
+
+CHAT = ModelSpec("chat", ModelKind.CHAT, context_length=2048)
+EMBED = ModelSpec("embed", ModelKind.EMBEDDING, embedding_dim=384)
+STALE_S = 2.0
+
+
+def make_registry(*workers: str, embedders: tuple[str, ...] = ()) -> Registry:
+    registry = Registry(stale_after_s=STALE_S)
+    for address in workers:
+        registry.add(address, EndpointKind.WORKER)
+    for address in embedders:
+        registry.add(address, EndpointKind.EMBEDDER)
+    return registry
+
+
+def bring_up(
+    registry: Registry, address: str, now: float, models: tuple[ModelSpec, ...] = (CHAT,), **load: int
+) -> None:
+    registry.on_info(address, f"id-{address}", models)
+    registry.on_serving(address, True)
+    registry.on_report(address, LoadSnapshot(**load), now)  # type: ignore[arg-type]
+
+
+def detail(registry: Registry, address: str, now: float) -> str:
+    return next(v.detail for v in registry.views(now) if v.address == address)
+
+
+def test_new_endpoint_is_not_usable_until_connected_serving_and_reporting() -> None:
+    registry = make_registry("w")
+    assert not registry.is_usable("w", 0.0)
+    assert detail(registry, "w", 0.0) == "disconnected: not connected yet"
+    registry.on_info("w", "id", (CHAT,))
+    assert detail(registry, "w", 0.0) == "health is not SERVING"
+    registry.on_serving("w", True)
+    assert detail(registry, "w", 0.0) == "no load report yet"
+    registry.on_report("w", LoadSnapshot(), 0.0)
+    assert registry.is_usable("w", 0.0)
+    assert detail(registry, "w", 0.0) == "ok"
+
+
+def test_report_goes_stale_and_a_new_one_revives_it() -> None:
+    registry = make_registry("w")
+    bring_up(registry, "w", now=10.0)
+    assert registry.is_usable("w", 10.0 + STALE_S)
+    assert not registry.is_usable("w", 10.0 + STALE_S + 0.1)
+    assert detail(registry, "w", 13.0) == "stale: last load report 3.0s ago"
+    registry.on_report("w", LoadSnapshot(), 13.0)
+    assert registry.is_usable("w", 13.0)
+
+
+def test_draining_report_makes_it_unusable() -> None:
+    registry = make_registry("w")
+    bring_up(registry, "w", now=0.0)
+    registry.on_report("w", LoadSnapshot(draining=True), 1.0)
+    assert not registry.is_usable("w", 1.0)
+    assert detail(registry, "w", 1.0) == "draining"
+    registry.on_report("w", LoadSnapshot(), 1.5)
+    assert registry.is_usable("w", 1.5)
+
+
+def test_not_serving_health_makes_it_unusable() -> None:
+    registry = make_registry("w")
+    bring_up(registry, "w", now=0.0)
+    registry.on_serving("w", False)
+    assert not registry.is_usable("w", 0.0)
+
+
+def test_down_keeps_models_and_last_load_for_status() -> None:
+    registry = make_registry("w")
+    bring_up(registry, "w", now=0.0, running=4)
+    registry.on_down("w", "UNAVAILABLE: connection refused")
+    (view,) = registry.views(1.0)
+    assert not view.usable
+    assert view.detail == "disconnected: UNAVAILABLE: connection refused"
+    assert view.load is not None and view.load.running == 4
+    assert view.report_age_s == 1.0
+    assert registry.catalog() == [CHAT]  # still known: requests for it get UNAVAILABLE, not "unknown"
+    # Reconnecting needs fresh info and health again.
+    registry.on_info("w", "id", (CHAT,))
+    assert not registry.is_usable("w", 1.0)
+    registry.on_serving("w", True)
+    registry.on_report("w", LoadSnapshot(), 1.0)
+    assert registry.is_usable("w", 1.0)
+
+
+def test_candidates_filter_by_kind_model_usability_and_exclusion() -> None:
+    registry = make_registry("w1", "w2", "w3", "w4", embedders=("e1",))
+    bring_up(registry, "w1", now=0.0, running=1, waiting=2)
+    bring_up(registry, "w2", now=0.0, models=(ModelSpec("other", ModelKind.CHAT),))
+    bring_up(registry, "w3", now=0.0)
+    registry.on_report("w3", LoadSnapshot(draining=True), 0.0)
+    bring_up(registry, "w4", now=0.0, running=5)
+    bring_up(registry, "e1", now=0.0, models=(EMBED,))
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0) == [Candidate("w1", 3), Candidate("w4", 5)]
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0, exclude=frozenset({"w1"})) == [
+        Candidate("w4", 5)
+    ]
+    assert registry.candidates(EndpointKind.EMBEDDER, "embed", 0.0) == [Candidate("e1", 0)]
+    assert registry.candidates(EndpointKind.EMBEDDER, "chat", 0.0) == []
+
+
+def test_report_models_replace_info_models() -> None:
+    registry = make_registry("w")
+    bring_up(registry, "w", now=0.0)
+    newer = ModelSpec("chat-v2", ModelKind.CHAT)
+    registry.on_report("w", LoadSnapshot(models=(newer,)), 1.0)
+    assert registry.catalog() == [newer]
+
+
+def test_catalog_is_ordered_deduplicated_and_conservative_on_context() -> None:
+    registry = make_registry("w1", "w2", embedders=("e1",))
+    small = ModelSpec("chat", ModelKind.CHAT, context_length=1024)
+    bring_up(registry, "w1", now=0.0, models=(CHAT, ModelSpec("b", ModelKind.CHAT)))
+    bring_up(registry, "w2", now=0.0, models=(small,))
+    bring_up(registry, "e1", now=0.0, models=(EMBED,))
+    assert [m.id for m in registry.catalog()] == ["chat", "b", "embed"]
+    assert registry.catalog(ModelKind.CHAT)[0].context_length == 1024
+    assert registry.catalog(ModelKind.EMBEDDING) == [EMBED]
+
+
+def test_describe_names_each_endpoint_and_why() -> None:
+    registry = make_registry("w1", "w2")
+    bring_up(registry, "w1", now=0.0)
+    registry.on_down("w2", "refused")
+    assert registry.describe(EndpointKind.WORKER, 5.0) == (
+        "w1 stale: last load report 5.0s ago; w2 disconnected: refused"
+    )
+    assert registry.describe(EndpointKind.EMBEDDER, 5.0) == "no embedder configured"
