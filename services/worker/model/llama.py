@@ -1,0 +1,213 @@
+"""Our torch implementation of the Llama family (Llama, SmolLM, Qwen2, Mistral).
+
+RMSNorm, rotate-half RoPE with optional scaling, grouped-query attention,
+SwiGLU, optionally tied embeddings. Numerics follow Hugging Face's
+LlamaForCausalLM so that the two can be compared logit for logit.
+Q/K/V and gate/up projections are fused into one matmul each: fewer kernel
+launches per decode step, same arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.worker.model.args import ModelArgs, RopeScaling
+from services.worker.model.kv_cache import ContiguousKVCache
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies of each rotated pair, scaled as the model's metadata says."""
+    dim = args.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+    inv_freq = 1.0 / (args.rope_theta**exponents)
+    scaling = args.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "factors":
+        return inv_freq / torch.tensor(scaling.freq_factors, dtype=torch.float32, device="cpu")
+    if scaling.kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ValueError(f"RoPE scaling {scaling.kind!r} is not supported")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    low_freq_wavelen = s.original_context / s.low_freq_factor
+    high_freq_wavelen = s.original_context / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(
+    args: ModelArgs, max_positions: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos/sin of every position's angles, [max_positions, head_dim]."""
+    positions = torch.arange(max_positions, dtype=torch.float32, device=device)
+    freqs = torch.outer(positions, rope_inv_freq(args).to(device))
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the model dtype, then scale in the model dtype (as HF does).
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = args.num_heads
+        self.num_kv_heads = args.num_kv_heads
+        self.head_dim = args.head_dim
+        q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.attention_bias)
+        self.o_proj = nn.Linear(q_size, args.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: ContiguousKVCache,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        keys, values = cache.update(self.layer, k, v, start)
+        out = F.scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            attn_mask=mask,
+            # Causal from position 0 is the common prefill case and needs no mask tensor.
+            is_causal=mask is None and length > 1,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: ContiguousKVCache,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Token ids + positions + KV cache in, hidden states out; `compute_logits` is separate
+    so that a prefill only pays the vocabulary projection for the positions it samples."""
+
+    def __init__(self, args: ModelArgs, max_positions: int) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = (
+            None if args.tie_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        )
+        # Plain attributes, not buffers: they stay float32 (as the reference computes them)
+        # when the weights move to another dtype. `place_rope` moves them to a device.
+        self.rope_cos, self.rope_sin = rope_tables(args, max_positions, torch.device("cpu"))
+
+    def place_rope(self, device: torch.device) -> None:
+        self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache, start: int
+    ) -> torch.Tensor:
+        """input_ids/positions: [1, T]; the tokens sit at cache positions start..start+T."""
+        x = self.embed_tokens(input_ids)
+        # Tables are float32 (as HF computes them) and cast once per step to the model dtype.
+        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
+        mask = _chunk_mask(input_ids.shape[1], start, x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, start, mask)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors in, fusing Q/K/V and gate/up."""
+        own = dict(tensors)
+        for i in range(self.args.num_layers):
+            p = f"layers.{i}."
+            for kind in ("weight", "bias"):
+                parts = [own.pop(f"{p}self_attn.{n}_proj.{kind}", None) for n in ("q", "k", "v")]
+                if all(t is not None for t in parts):
+                    own[f"{p}self_attn.qkv_proj.{kind}"] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+            gate, up = own.pop(f"{p}mlp.gate_proj.weight"), own.pop(f"{p}mlp.up_proj.weight")
+            own[f"{p}mlp.gate_up_proj.weight"] = torch.cat((gate, up), dim=0)
+        if self.lm_head is None:
+            own.pop("lm_head.weight", None)
+        missing, unexpected = self.load_state_dict(own, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+
+
+def _chunk_mask(length: int, start: int, device: torch.device) -> torch.Tensor | None:
+    """Causal mask for a chunk that follows `start` cached positions; None where SDPA needs none."""
+    if length == 1 or start == 0:
+        return None
+    query = torch.arange(start, start + length, device=device).unsqueeze(1)
+    key = torch.arange(start + length, device=device).unsqueeze(0)
+    return key <= query

@@ -1,0 +1,87 @@
+"""The device side of the engine: the model, its KV cache and one forward pass at a time.
+
+Every method runs on the engine's single model thread; nothing here knows about
+asyncio or requests beyond the sequence it is handed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from services.worker.model.args import ModelArgs
+from services.worker.model.kv_cache import ContiguousKVCache
+from services.worker.model.llama import LlamaModel
+from services.worker.model.loader import LoadedWeights, load_weights
+from services.worker.sampler import sample
+from services.worker.sequence import GenSequence
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, device: torch.device, dtype: torch.dtype, max_context: int) -> None:
+        self.model = model
+        self.args: ModelArgs = model.args
+        self.device = device
+        self.dtype = dtype
+        self.max_context = max_context
+        self.cache = ContiguousKVCache(self.args, max_context, dtype, device)
+
+    @classmethod
+    def from_weights(
+        cls, weights: LoadedWeights, device: torch.device, dtype: torch.dtype, max_context: int
+    ) -> ModelRunner:
+        # Built on the meta device: no memory or time goes into a random init the weights overwrite.
+        with torch.device("meta"):
+            model = LlamaModel(weights.args, max_positions=max_context)
+        model = model.to_empty(device=device).to(dtype)
+        model.load_hf_tensors({k: v.to(device=device, dtype=dtype) for k, v in weights.tensors.items()})
+        model.place_rope(device)
+        model.eval()
+        return cls(model, device, dtype, max_context)
+
+    @classmethod
+    def load(
+        cls, path: Path, device: torch.device, dtype: torch.dtype, max_context: int = 0
+    ) -> tuple[ModelRunner, LoadedWeights]:
+        started = time.perf_counter()
+        weights = load_weights(path, dtype)
+        runner = cls.from_weights(weights, device, dtype, max_context or weights.args.context_length)
+        logger.info(
+            "model loaded",
+            extra={
+                "source": weights.source,
+                "seconds": round(time.perf_counter() - started, 2),
+                "device": str(device),
+            },
+        )
+        weights.tensors.clear()
+        return runner, weights
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: Sequence[int], start: int) -> None:
+        """Run tokens into the cache at positions start.. without sampling."""
+        self._hidden(token_ids, start)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
+        """float32 logits [len(token_ids), vocab] of every position of the chunk."""
+        return self.model.compute_logits(self._hidden(token_ids, start))[0]
+
+    @torch.inference_mode()
+    def sample_next(self, seq: GenSequence, token_ids: Sequence[int], start: int) -> tuple[int, float | None]:
+        """Run the chunk that ends the sequence's known tokens and sample what follows."""
+        hidden = self._hidden(token_ids, start)
+        logits = self.model.compute_logits(hidden[0, -1])
+        seen = seq.all_ids if seq.sampling.repetition_penalty != 1.0 else ()
+        return sample(logits, seq.sampling, seen, seq.seed, seq.step_index)
+
+    def _hidden(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
+        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0)
+        return self.model(ids, positions, self.cache, start)

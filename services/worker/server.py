@@ -1,0 +1,63 @@
+"""Build and run the worker's gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Coroutine
+from typing import Any
+
+from infermesh.worker.v1 import worker_pb2_grpc
+from services.common.server import GrpcServer, serve_forever
+from services.worker.config import WorkerConfig
+from services.worker.service import WorkerService
+from services.worker.servicer import SERVICE_NAME, WorkerServicer
+
+logger = logging.getLogger(__name__)
+
+
+async def create_server(config: WorkerConfig) -> GrpcServer:
+    """Load the model, warm the engine up and bind; the caller starts the server.
+
+    Loading comes first, so a started server can report SERVING straight away.
+    """
+    service = await WorkerService.load(config)
+    try:
+        return build_server(config, service)
+    except BaseException:
+        await service.stop()
+        raise
+
+
+def build_server(config: WorkerConfig, service: WorkerService) -> GrpcServer:
+    """Bind a server around a loaded service (tests build several around one loaded model)."""
+    servicer = WorkerServicer(service)
+    server = GrpcServer(
+        host=config.host,
+        port=config.port,
+        service_names=[SERVICE_NAME],
+        register=lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
+        on_drain=service.drain_and_wait,
+        on_stop=service.stop,
+    )
+    service.endpoint_id = config.endpoint_id or f"{socket.gethostname()}:{server.port}"
+    servicer.on_drain = lambda: server.set_serving(False)
+    # A dead engine can serve nothing: say so to health checks at once.
+    service.on_unhealthy = lambda: _spawn(server.set_serving(False))
+    return server
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def serve(config: WorkerConfig) -> None:
+    server = await create_server(config)
+    await server.start()
+    await serve_forever(server, config.grace_s)

@@ -1,0 +1,188 @@
+"""The worker's behaviour behind the RPCs: validate, tokenize, queue on the engine, report load.
+
+Plain values in and out; `convert.py` and `servicer.py` put protobuf around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+from services.common.config import ConfigError
+from services.common.errors import Unavailable
+from services.worker.config import WorkerConfig
+from services.worker.device import DTYPES, DeviceStats, device_stats, resolve_device
+from services.worker.engine import Engine, EngineLoad
+from services.worker.model.loader import packaged_model_path
+from services.worker.request import (
+    ChatTurn,
+    GenerateRequest,
+    Limits,
+    check_model,
+    check_prompt_source,
+    plan_tokens,
+    validate_request,
+)
+from services.worker.runner import ModelRunner
+from services.worker.sequence import Delta, GenSequence
+from services.worker.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCard:
+    id: str
+    context_length: int
+    family: str
+    tier: str
+    source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSnapshot:
+    endpoint_id: str
+    at: float
+    models: tuple[ModelCard, ...]
+    device: DeviceStats
+    engine: EngineLoad
+
+
+class WorkerService:
+    def __init__(self, config: WorkerConfig, runner: ModelRunner, tokenizer: Tokenizer, source: str) -> None:
+        self.config = config
+        self.runner = runner
+        self.tokenizer = tokenizer
+        args = runner.args
+        self.card = ModelCard(config.model_id, runner.max_context, args.family, config.tier, source)
+        self.limits = Limits(
+            model_id=config.model_id,
+            vocab_size=args.vocab_size,
+            context_length=runner.max_context,
+            default_max_tokens=config.default_max_tokens,
+            max_tokens_limit=config.max_tokens_limit,
+            max_stop_strings=config.max_stop_strings,
+        )
+        self.endpoint_id = config.endpoint_id or f"{socket.gethostname()}:{config.port}"
+        self.on_unhealthy: Callable[[], None] | None = None
+        self.engine = Engine(
+            runner,
+            max_waiting=config.max_waiting,
+            prefill_chunk_tokens=config.prefill_chunk_tokens,
+            on_crash=self._engine_crashed,
+        )
+        self._stopped = asyncio.Event()
+
+    @classmethod
+    async def load(cls, config: WorkerConfig) -> WorkerService:
+        """Load model and tokenizer (off the event loop), start the engine and warm it up."""
+        runner, tokenizer, source = await asyncio.to_thread(_load_model, config)
+        return await cls(config, runner, tokenizer, source).start()
+
+    async def start(self) -> WorkerService:
+        self.engine.start()
+        started = time.perf_counter()
+        # A token through the whole engine path: SERVING must mean a request can really be served.
+        warmup = GenerateRequest(request_id="warmup", prompt_token_ids=(0,), max_tokens=1)
+        async for _ in self.generate(warmup):
+            pass
+        logger.info("engine warmed up", extra={"seconds": round(time.perf_counter() - started, 2)})
+        return self
+
+    @property
+    def healthy(self) -> bool:
+        return self.engine.alive and not self.engine.draining
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[Delta]:
+        if self.engine.draining:
+            raise Unavailable("worker is draining: send the request to another worker")
+        validate_request(req, self.limits)
+        prompt_ids = await self._prompt_ids(req.messages, req.prompt, req.prompt_token_ids)
+        max_new = plan_tokens(req, len(prompt_ids), self.limits)
+        sampling = req.sampling
+        seq = GenSequence(
+            request_id=req.request_id,
+            prompt_ids=prompt_ids,
+            resume_ids=req.resume_token_ids,
+            sampling=sampling,
+            seed=sampling.seed if sampling.seed is not None else random.getrandbits(64),
+            max_new_tokens=max_new,
+            decode=self.tokenizer.decode,
+            eos_ids=self.tokenizer.eos_token_ids,
+            stop=req.stop,
+            stop_token_ids=req.stop_token_ids,
+        )
+        handle = self.engine.submit(seq)
+        async for delta in handle.deltas():
+            yield delta
+
+    async def tokenize(self, model: str, messages: Sequence[ChatTurn], prompt: str | None) -> list[int]:
+        check_model(model, self.limits)
+        check_prompt_source(messages, prompt)
+        return await self._prompt_ids(messages, prompt, ())
+
+    async def _prompt_ids(
+        self, messages: Sequence[ChatTurn], prompt: str | None, token_ids: Sequence[int]
+    ) -> list[int]:
+        if token_ids:
+            return list(token_ids)
+        # Long prompts take milliseconds to tokenize: keep them off the event loop.
+        if messages:
+            return await asyncio.to_thread(self.tokenizer.encode_chat, messages)
+        return await asyncio.to_thread(self.tokenizer.encode, prompt or "")
+
+    def device(self) -> DeviceStats:
+        return device_stats(self.runner.device, self.config.dtype)
+
+    def load_report(self) -> LoadSnapshot:
+        return LoadSnapshot(self.endpoint_id, time.time(), (self.card,), self.device(), self.engine.load())
+
+    async def drain(self) -> None:
+        """Refuse new work; in-flight requests go on."""
+        self.engine.drain()
+
+    async def drain_and_wait(self) -> None:
+        self.engine.drain()
+        await self.engine.wait_idle()
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        await self.engine.stop()
+
+    async def wait_stopped(self, timeout: float) -> bool:
+        """Sleep up to `timeout`; True when the service stopped meanwhile."""
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _engine_crashed(self, exc: BaseException) -> None:
+        if self.on_unhealthy is not None:
+            self.on_unhealthy()
+
+
+def _load_model(config: WorkerConfig) -> tuple[ModelRunner, Tokenizer, str]:
+    import torch
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    path = Path(config.model_path) if config.model_path else packaged_model_path()
+    device = resolve_device(config.device)
+    runner, weights = ModelRunner.load(path, device, DTYPES[config.dtype], config.max_context)
+    if runner.max_context > weights.args.context_length:
+        raise ConfigError(
+            f"worker.max_context={config.max_context}: must be <= the model's context length "
+            f"{weights.args.context_length}"
+        )
+    cache_dir = Path(config.cache_dir) if config.cache_dir else REPO_ROOT / ".cache" / "worker"
+    tokenizer = Tokenizer.load(path, cache_dir, weights.eos_token_ids)
+    return runner, tokenizer, weights.source
