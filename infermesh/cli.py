@@ -229,7 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float)
     chat.add_argument("--seed", type=int)
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--user", default=os.environ.get("USER", ""), help="user id recorded on new sessions")
+    chat.add_argument(
+        "--user",
+        default=os.environ.get("USER") or "cli",
+        help="user id recorded on new sessions (default: $USER)",
+    )
     chat.set_defaults(func=cmd_chat)
 
     embed = sub.add_parser("embed", help="embed texts and show the vectors")

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -47,6 +48,19 @@ class _Deadline:
         return None if self._at is None else max(0.0, self._at - self._loop.time())
 
 
+@dataclass
+class _Turn:
+    """One Generate call's session context, filled in as the call proceeds."""
+
+    params: GenerateParams
+    request_id: str
+    tenant: str
+    deadline: _Deadline
+    window: list[HistoryMessage] = field(default_factory=list)
+    degraded: list[Degradation] = field(default_factory=list)
+    record: bool = False  # the window was read, so the turn is appended at the end
+
+
 class Generation:
     def __init__(
         self, config: RouterConfig, endpoints: EndpointMonitor, sessions: SessionClient | None
@@ -71,39 +85,45 @@ class Generation:
             params, self.endpoints.registry.catalog(), self.config.default_chat_model, self.limits
         )
         deadline = _Deadline(time_budget(context.time_remaining(), params.deadline, time.time()))
-        tenant = tenant_of(context)
-
-        window: list[HistoryMessage] = []
-        degraded: list[Degradation] = []
-        record = False
-        if params.session_id is not None:
-            if self.sessions is None:
-                raise FailedPrecondition(f"session_id: {NO_SESSION_SERVICE}")
-            try:
-                window = await self.sessions.window(
-                    tenant, params.session_id, self.config.history_token_budget, deadline.remaining()
-                )
-                record = True
-            except SessionUnavailable as exc:
-                logger.warning("answering without history: %s", exc.message)
-                degraded.append(
-                    Degradation(
-                        DegradationStep.HISTORY_UNAVAILABLE,
-                        f"{exc.message}; answered without history and the turn was not recorded",
-                    )
-                )
-
-        messages = merge_history(window, params.messages, request_id)
+        turn = _Turn(params, request_id, tenant_of(context), deadline)
+        await self._load_history(turn)
         worker_req = convert.worker_request_to_pb(
-            req, request_id, resolved.model.id, messages, resolved.max_tokens
+            req,
+            request_id,
+            resolved.model.id,
+            merge_history(turn.window, params.messages, request_id),
+            resolved.max_tokens,
         )
+        async for out in self._relay(worker_req, resolved.model.id, turn):
+            yield out
 
+    async def _load_history(self, turn: _Turn) -> None:
+        """Fetch the session window; NOT_FOUND fails the request, an unreachable store degrades it."""
+        session_id = turn.params.session_id
+        if session_id is None:
+            return
+        if self.sessions is None:
+            raise FailedPrecondition(f"session_id: {NO_SESSION_SERVICE}")
+        try:
+            turn.window = await self.sessions.window(
+                turn.tenant, session_id, self.config.history_token_budget, turn.deadline.remaining()
+            )
+            turn.record = True
+        except SessionUnavailable as exc:
+            logger.warning("answering without history: %s", exc.message)
+            reason = f"{exc.message}; answered without history and the turn was not recorded"
+            turn.degraded.append(Degradation(DegradationStep.HISTORY_UNAVAILABLE, reason))
+
+    async def _relay(
+        self, worker_req: Any, model_id: str, turn: _Turn
+    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        """Stream the worker's reply through as it comes; record the turn before the last message."""
         address = ""
 
         async def open_stream(placed: str) -> tuple[Any, Any]:
             nonlocal address
             address = placed
-            call = self.endpoints.stub(placed).Generate(worker_req, timeout=deadline.remaining())
+            call = self.endpoints.stub(placed).Generate(worker_req, timeout=turn.deadline.remaining())
             try:
                 return call, await call.read()
             except BaseException:
@@ -113,24 +133,23 @@ class Generation:
         call = None
         try:
             call, resp = await self.endpoints.dispatch(
-                EndpointKind.WORKER, resolved.model.id, open_stream, self.config.dispatch_attempts
+                EndpointKind.WORKER, model_id, open_stream, self.config.dispatch_attempts
             )
             reply: list[str] = []
             first = True
             while resp is not grpc.aio.EOF:
-                out = convert.generate_response_to_pb(resp, request_id)
+                out = convert.generate_response_to_pb(resp, turn.request_id)
                 if first:
                     first = False
-                    out.model = resp.model or resolved.model.id
+                    out.model = resp.model or model_id
                     out.worker = address
-                    out.session_id = params.session_id or ""
-                    out.degraded.extend(convert.degradation_to_pb(d) for d in degraded)
+                    out.session_id = turn.params.session_id or ""
+                    out.degraded.extend(convert.degradation_to_pb(d) for d in turn.degraded)
                 reply.append(resp.text)
                 if convert.is_final(resp):
-                    if record and convert.finished_normally(resp):
-                        note = await self._record(
-                            params, tenant, window, "".join(reply), resp, request_id, deadline
-                        )
+                    if turn.record and convert.finished_normally(resp):
+                        # Recorded before the client sees the end, so its next turn finds this one.
+                        note = await self._record(turn, "".join(reply), *convert.usage_tokens(resp))
                         if note is not None:
                             out.degraded.append(convert.degradation_to_pb(note))
                     yield out
@@ -146,35 +165,30 @@ class Generation:
                 call.cancel()
 
     async def _record(
-        self,
-        params: GenerateParams,
-        tenant: str,
-        window: list[HistoryMessage],
-        reply: str,
-        final: Any,
-        request_id: str,
-        deadline: _Deadline,
+        self, turn: _Turn, reply: str, prompt_tokens: int, completion_tokens: int
     ) -> Degradation | None:
         """Append the turn; a failure degrades the answer instead of failing it."""
-        assert self.sessions is not None and params.session_id is not None
-        prompt_tokens, completion_tokens = convert.usage_tokens(final)
+        assert self.sessions is not None and turn.params.session_id is not None
+        past_tokens = history_tokens(turn.window, turn.request_id)
         turns = turns_to_append(
-            params.messages,
-            reply,
-            request_id,
-            prompt_tokens,
-            completion_tokens,
-            history_tokens(window, request_id),
+            turn.params.messages, reply, turn.request_id, prompt_tokens, completion_tokens, past_tokens
         )
         try:
-            await self.sessions.append_turns(tenant, params.session_id, turns, deadline.remaining())
-        except (SessionUnavailable, grpc.aio.AioRpcError) as exc:
-            reason = (
-                exc.message if isinstance(exc, SessionUnavailable) else f"{exc.code().name}: {exc.details()}"
+            await self.sessions.append_turns(
+                turn.tenant, turn.params.session_id, turns, turn.deadline.remaining()
             )
-            logger.warning("turn not recorded: %s", reason)
-            return Degradation(DegradationStep.HISTORY_UNAVAILABLE, f"the turn was not recorded: {reason}")
-        return None
+        except SessionUnavailable as exc:
+            reason = exc.message
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.ALREADY_EXISTS:
+                # An earlier attempt of this request recorded the turn (with its own reply).
+                logger.info("turn already recorded by an earlier attempt")
+                return None
+            reason = f"{exc.code().name}: {exc.details()}"
+        else:
+            return None
+        logger.warning("turn not recorded: %s", reason)
+        return Degradation(DegradationStep.HISTORY_UNAVAILABLE, f"the turn was not recorded: {reason}")
 
 
 def _worker_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:

@@ -46,12 +46,12 @@ def words(text: str) -> list[str]:
     return re.findall(r"\S+\s*", text)
 
 
-def reply_for(req: worker_pb2.GenerateRequest) -> str:
+def reply_for(req: worker_pb2.GenerateRequest, prefix: str = "echo: ") -> str:
     """What the fake worker answers: an echo of the last user message (or the prompt)."""
     if req.HasField("prompt"):
-        return f"echo: {req.prompt}"
+        return prefix + req.prompt
     users = [m.content for m in req.messages if m.role == common_pb2.ROLE_USER]
-    return f"echo: {users[-1] if users else ''}"
+    return prefix + (users[-1] if users else "")
 
 
 def _now() -> Timestamp:
@@ -90,6 +90,7 @@ class FakeWorker(_ReportsLoad, worker_pb2_grpc.WorkerServicer):
         self.running = running
         self.waiting = waiting
         self.draining = False
+        self.reply_prefix = "echo: "
         self.fail_with: grpc.StatusCode | None = None
         # When set, the stream pauses after `hold_after` tokens until `release` is set.
         self.hold_after: int | None = None
@@ -118,7 +119,7 @@ class FakeWorker(_ReportsLoad, worker_pb2_grpc.WorkerServicer):
                 f"prompt: {prompt_tokens} tokens + max_tokens {request.max_tokens} exceed the context "
                 f"length {model.context_length} of {model.id}",
             )
-        tokens = words(reply_for(request))[: request.max_tokens]
+        tokens = words(reply_for(request, self.reply_prefix))[: request.max_tokens]
         reason = (
             common_pb2.FINISH_REASON_LENGTH
             if len(tokens) == request.max_tokens
@@ -244,13 +245,25 @@ class FakeSessionStore(session_pb2_grpc.SessionStoreServicer):
         self.append_calls.append(request)
         session = await self._session(request.tenant, request.session_id, context)
         stored = self.messages[request.session_id]
-        if request.HasField("expected_last_seq") and request.expected_last_seq != session.last_seq:
+        by_id = {m.client_msg_id: m for m in stored if m.client_msg_id}
+        # Like the real store: a known client_msg_id is a retry, unless its content differs.
+        for new in request.messages:
+            known = by_id.get(new.client_msg_id)
+            if known is not None and (known.role, known.content) != (new.role, new.content):
+                await context.abort(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"client_msg_id {new.client_msg_id!r} was already used for a different message",
+                )
+        retry = all(new.client_msg_id in by_id for new in request.messages)
+        if (
+            not retry
+            and request.HasField("expected_last_seq")
+            and request.expected_last_seq != session.last_seq
+        ):
             await context.abort(grpc.StatusCode.ABORTED, f"last_seq is {session.last_seq}")
         out = []
         for new in request.messages:
-            existing = next(
-                (m for m in stored if new.client_msg_id and m.client_msg_id == new.client_msg_id), None
-            )
+            existing = by_id.get(new.client_msg_id)
             if existing is None:
                 session.last_seq += 1
                 existing = common_pb2.Message(

@@ -83,6 +83,23 @@ async def test_retry_with_same_request_id_does_not_duplicate(mesh: Mesh) -> None
     assert [m.content for m in history.messages] == ["only once", "echo: only once"]
 
 
+async def test_retry_with_a_different_reply_keeps_the_first_recording(mesh: Mesh) -> None:
+    session_id = await new_session(mesh)
+    req = chat_request("sampled", session_id=session_id)
+    await collect(mesh.stub, req)
+    for worker in mesh.workers:
+        worker.reply_prefix = "other: "
+    try:
+        retry = await collect(mesh.stub, req)
+    finally:
+        for worker in mesh.workers:
+            worker.reply_prefix = "echo: "
+    assert text_of(retry) == "other: sampled"
+    assert not retry[-1].degraded  # the turn is recorded, by the first attempt
+    history = await mesh.stub.GetHistory(router_pb2.GetHistoryRequest(session_id=session_id), timeout=5)
+    assert [m.content for m in history.messages] == ["sampled", "echo: sampled"]
+
+
 async def test_unknown_session_is_not_found_before_generation(mesh: Mesh) -> None:
     req = chat_request("hello?", session_id="no-such-session")
     with pytest.raises(grpc.aio.AioRpcError) as err:
