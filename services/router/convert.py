@@ -188,11 +188,6 @@ def generate_response_to_pb(
     return out
 
 
-def usage_tokens(resp: router_pb2.GenerateResponse) -> tuple[int, int]:
-    """(prompt, completion) tokens of a final message; zeros when the worker did not say."""
-    return resp.usage.prompt_tokens, resp.usage.completion_tokens
-
-
 def is_final(resp: worker_pb2.GenerateResponse) -> bool:
     return resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 

@@ -155,16 +155,13 @@ class EndpointMonitor:
         while True:
             try:
                 await self._session(address, kind, backoff)
-                reason = "load report stream ended"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
             except _NotReady as exc:
                 reason = str(exc)
-            was_usable = self.registry.is_usable(address, self.clock())
-            self.registry.on_down(address, reason)
-            # Retries against an endpoint that never came up would flood the log.
-            log = logger.warning if was_usable else logger.debug
-            log("%s %s is not usable: %s", kind.value, address, reason)
+            # Retries against an endpoint that is not up yet would flood the log.
+            log = logger.warning if self.registry.on_down(address, reason) else logger.debug
+            log("%s %s is down: %s", kind.value, address, reason)
             await asyncio.sleep(backoff.next())
 
     async def _session(self, address: str, kind: EndpointKind, backoff: Backoff) -> None:
@@ -173,19 +170,19 @@ class EndpointMonitor:
         health = health_pb2_grpc.HealthStub(channel)
         checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=self.rpc_timeout_s)
         if checked.status != health_pb2.HealthCheckResponse.SERVING:
-            raise _NotReady("health is not SERVING yet")
+            raise _NotReady("health is not SERVING")
         stub_cls, messages = _PROTOCOLS[kind]
         stub = stub_cls(channel)
         info = await stub.GetInfo(messages.GetInfoRequest(), timeout=self.rpc_timeout_s)
         self.registry.on_info(address, info.endpoint_id, convert.models_from_pb(info.models))
-        self.registry.on_serving(address, True)
         tasks = [
             asyncio.create_task(self._follow_load(address, kind, stub, messages, backoff)),
-            asyncio.create_task(self._watch_health(address, health)),
+            asyncio.create_task(self._watch_health(health)),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            # Also lets go of a draining endpoint: open streams would hold up its shutdown.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -195,15 +192,26 @@ class EndpointMonitor:
     async def _follow_load(
         self, address: str, kind: EndpointKind, stub: Any, messages: Any, backoff: Backoff
     ) -> None:
-        first = True
-        async for report in stub.StreamLoad(messages.StreamLoadRequest(interval_ms=self.report_interval_ms)):
-            self.registry.on_report(address, convert.load_from_pb(report), self.clock())
-            if first:
-                first = False
-                backoff.reset()
-                logger.info("%s %s is up", kind.value, address)
+        call = stub.StreamLoad(messages.StreamLoadRequest(interval_ms=self.report_interval_ms))
+        try:
+            first = True
+            while (report := await call.read()) is not grpc.aio.EOF:
+                self.registry.on_report(address, convert.load_from_pb(report), self.clock())
+                if first:
+                    first = False
+                    backoff.reset()
+                    logger.info("%s %s is up", kind.value, address)
+        finally:
+            call.cancel()
+        raise _NotReady("load report stream ended")
 
-    async def _watch_health(self, address: str, health: health_pb2_grpc.HealthStub) -> None:
+    async def _watch_health(self, health: health_pb2_grpc.HealthStub) -> None:
         # A draining endpoint turns NOT_SERVING before its load reports say so.
-        async for update in health.Watch(health_pb2.HealthCheckRequest()):
-            self.registry.on_serving(address, update.status == health_pb2.HealthCheckResponse.SERVING)
+        call = health.Watch(health_pb2.HealthCheckRequest())
+        try:
+            while (update := await call.read()) is not grpc.aio.EOF:
+                if update.status != health_pb2.HealthCheckResponse.SERVING:
+                    raise _NotReady("health turned NOT_SERVING (draining or stopping)")
+        finally:
+            call.cancel()
+        raise _NotReady("health watch ended")

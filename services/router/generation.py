@@ -26,7 +26,7 @@ from services.router.domain import (
     HistoryMessage,
 )
 from services.router.endpoints import EndpointMonitor
-from services.router.history import history_tokens, merge_history, turns_to_append
+from services.router.history import merge_history, turns_to_append
 from services.router.sessions import SessionClient, SessionUnavailable
 from services.router.tenancy import tenant_of
 from services.router.validation import GenerateLimits, time_budget, validate_generate
@@ -149,7 +149,7 @@ class Generation:
                 if convert.is_final(resp):
                     if turn.record and convert.finished_normally(resp):
                         # Recorded before the client sees the end, so its next turn finds this one.
-                        note = await self._record(turn, "".join(reply), *convert.usage_tokens(resp))
+                        note = await self._record(turn, "".join(reply), resp.usage.completion_tokens)
                         if note is not None:
                             out.degraded.append(convert.degradation_to_pb(note))
                     yield out
@@ -164,15 +164,10 @@ class Generation:
                 # Also reached when the client cancels: the worker stops generating at once.
                 call.cancel()
 
-    async def _record(
-        self, turn: _Turn, reply: str, prompt_tokens: int, completion_tokens: int
-    ) -> Degradation | None:
+    async def _record(self, turn: _Turn, reply: str, completion_tokens: int) -> Degradation | None:
         """Append the turn; a failure degrades the answer instead of failing it."""
         assert self.sessions is not None and turn.params.session_id is not None
-        past_tokens = history_tokens(turn.window, turn.request_id)
-        turns = turns_to_append(
-            turn.params.messages, reply, turn.request_id, prompt_tokens, completion_tokens, past_tokens
-        )
+        turns = turns_to_append(turn.params.messages, reply, turn.request_id, completion_tokens)
         try:
             await self.sessions.append_turns(
                 turn.tenant, turn.params.session_id, turns, turn.deadline.remaining()

@@ -34,32 +34,18 @@ def merge_history(
     return [*old_system, *new_system, *old_rest, *new_rest]
 
 
-def history_tokens(window: Sequence[HistoryMessage], request_id: str) -> int | None:
-    """Tokens of the history put before the request; None when some message's count is unknown."""
-    prefix = msg_id_prefix(request_id)
-    counts = [m.token_count for m in window if m.role is not None and not m.client_msg_id.startswith(prefix)]
-    return None if any(c <= 0 for c in counts) else sum(counts)
-
-
 def turns_to_append(
-    new: Sequence[ChatTurn],
-    reply: str,
-    request_id: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    past_tokens: int | None,
+    new: Sequence[ChatTurn], reply: str, request_id: str, completion_tokens: int
 ) -> list[NewTurn]:
     """The request's messages and the reply, ready for one AppendMessages call.
 
-    A lone new message is credited with the prompt tokens the history did not account for
-    (template overhead included); otherwise the split is unknown and left to the store (0).
+    The reply's token count is exact (the worker's usage). The prompt's usage covers the
+    template and the history too, so the request's messages are left for the store to
+    estimate (0).
     """
     prefix = msg_id_prefix(request_id)
-    single_count = 0
-    if len(new) == 1 and past_tokens is not None and prompt_tokens > past_tokens:
-        single_count = prompt_tokens - past_tokens
     turns = [
-        NewTurn(turn.role, turn.content, f"{prefix}{i}", single_count)
+        NewTurn(turn.role, turn.content, f"{prefix}{i}")
         for i, turn in enumerate(new)
         if turn.role is not None
     ]

@@ -1,8 +1,8 @@
 """What the router knows about each worker and embedder: models, health and latest load.
 
 Pure state: the endpoint monitor feeds it events with a clock reading; placement and
-cluster status read it. An endpoint is usable when it is connected, its health is
-SERVING, its latest report is fresh and it is not draining.
+cluster status read it. An endpoint is usable when it is up (reachable, health SERVING),
+its latest report is fresh and it is not draining.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ class EndpointState:
     kind: EndpointKind
     endpoint_id: str = ""
     models: tuple[ModelSpec, ...] = ()
-    connected: bool = False
-    serving: bool = False
+    up: bool = False
     load: LoadSnapshot | None = None
     reported_at: float | None = None  # clock reading when the latest report arrived
-    error: str = "not connected yet"
+    error: str = "not reached yet"
 
 
 @dataclass(frozen=True)
@@ -51,11 +50,8 @@ class Registry:
         state = self._endpoints[address]
         state.endpoint_id = endpoint_id
         state.models = models
-        state.connected = True
+        state.up = True
         state.error = ""
-
-    def on_serving(self, address: str, serving: bool) -> None:
-        self._endpoints[address].serving = serving
 
     def on_report(self, address: str, load: LoadSnapshot, now: float) -> None:
         state = self._endpoints[address]
@@ -64,18 +60,20 @@ class Registry:
         if load.models:
             state.models = load.models
 
-    def on_down(self, address: str, reason: str) -> None:
-        """The connection broke. Models stay known so requests for them get UNAVAILABLE, not 'unknown'."""
+    def on_down(self, address: str, reason: str) -> bool:
+        """Unreachable or not SERVING; True when it was up until now.
+
+        Models stay known so requests for them get UNAVAILABLE, not "unknown model".
+        """
         state = self._endpoints[address]
-        state.connected = False
-        state.serving = False
+        was_up = state.up
+        state.up = False
         state.error = reason
+        return was_up
 
     def _assess(self, state: EndpointState, now: float) -> tuple[bool, str]:
-        if not state.connected:
-            return False, f"disconnected: {state.error}"
-        if not state.serving:
-            return False, "health is not SERVING"
+        if not state.up:
+            return False, f"down: {state.error}"
         if state.load is None or state.reported_at is None:
             return False, "no load report yet"
         age = now - state.reported_at

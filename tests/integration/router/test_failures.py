@@ -54,7 +54,7 @@ async def test_no_worker_ever_reachable_is_unavailable_at_once() -> None:
         status = await stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5)
         (endpoint,) = status.endpoints
         assert endpoint.address == dead and not endpoint.healthy
-        assert endpoint.detail.startswith("disconnected")
+        assert endpoint.detail.startswith("down: UNAVAILABLE")
 
 
 async def test_worker_that_stops_is_unavailable_quickly_and_found_again() -> None:
@@ -120,7 +120,7 @@ async def test_draining_or_not_serving_worker_gets_no_new_requests() -> None:
 
             # Health turning NOT_SERVING (the first step of a worker's drain) counts too.
             await servers[1].set_serving(False)
-            assert "health is not SERVING" in await expect_unavailable(stub)
+            assert "health turned NOT_SERVING" in await expect_unavailable(stub)
     finally:
         for server in servers:
             await server.stop(0)
@@ -157,3 +157,16 @@ async def test_unavailable_worker_is_replaced_before_the_first_token() -> None:
     finally:
         for server in servers:
             await server.stop(0)
+
+
+async def test_stopping_worker_is_let_go_so_its_drain_is_not_held() -> None:
+    worker = FakeWorker()
+    server = await start_fake(worker)
+    async with router_for([server.address]) as stub:
+        await wait_healthy(stub, {server.address})
+        started = time.monotonic()
+        # Health goes NOT_SERVING first; the router must close its load and health streams,
+        # or the worker's graceful stop would wait out its whole grace period.
+        await server.stop(5.0)
+        assert time.monotonic() - started < 2.0
+        assert "health turned NOT_SERVING" in await expect_unavailable(stub)

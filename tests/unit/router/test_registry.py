@@ -24,7 +24,6 @@ def bring_up(
     registry: Registry, address: str, now: float, models: tuple[ModelSpec, ...] = (CHAT,), **load: int
 ) -> None:
     registry.on_info(address, f"id-{address}", models)
-    registry.on_serving(address, True)
     registry.on_report(address, LoadSnapshot(**load), now)  # type: ignore[arg-type]
 
 
@@ -32,13 +31,11 @@ def detail(registry: Registry, address: str, now: float) -> str:
     return next(v.detail for v in registry.views(now) if v.address == address)
 
 
-def test_new_endpoint_is_not_usable_until_connected_serving_and_reporting() -> None:
+def test_new_endpoint_is_not_usable_until_up_and_reporting() -> None:
     registry = make_registry("w")
     assert not registry.is_usable("w", 0.0)
-    assert detail(registry, "w", 0.0) == "disconnected: not connected yet"
+    assert detail(registry, "w", 0.0) == "down: not reached yet"
     registry.on_info("w", "id", (CHAT,))
-    assert detail(registry, "w", 0.0) == "health is not SERVING"
-    registry.on_serving("w", True)
     assert detail(registry, "w", 0.0) == "no load report yet"
     registry.on_report("w", LoadSnapshot(), 0.0)
     assert registry.is_usable("w", 0.0)
@@ -65,11 +62,13 @@ def test_draining_report_makes_it_unusable() -> None:
     assert registry.is_usable("w", 1.5)
 
 
-def test_not_serving_health_makes_it_unusable() -> None:
+def test_down_reports_whether_it_was_up() -> None:
     registry = make_registry("w")
+    assert not registry.on_down("w", "refused")
     bring_up(registry, "w", now=0.0)
-    registry.on_serving("w", False)
+    assert registry.on_down("w", "health turned NOT_SERVING")
     assert not registry.is_usable("w", 0.0)
+    assert not registry.on_down("w", "refused")
 
 
 def test_down_keeps_models_and_last_load_for_status() -> None:
@@ -78,15 +77,11 @@ def test_down_keeps_models_and_last_load_for_status() -> None:
     registry.on_down("w", "UNAVAILABLE: connection refused")
     (view,) = registry.views(1.0)
     assert not view.usable
-    assert view.detail == "disconnected: UNAVAILABLE: connection refused"
+    assert view.detail == "down: UNAVAILABLE: connection refused"
     assert view.load is not None and view.load.running == 4
     assert view.report_age_s == 1.0
     assert registry.catalog() == [CHAT]  # still known: requests for it get UNAVAILABLE, not "unknown"
-    # Reconnecting needs fresh info and health again.
-    registry.on_info("w", "id", (CHAT,))
-    assert not registry.is_usable("w", 1.0)
-    registry.on_serving("w", True)
-    registry.on_report("w", LoadSnapshot(), 1.0)
+    registry.on_info("w", "id", (CHAT,))  # reconnected
     assert registry.is_usable("w", 1.0)
 
 
@@ -130,6 +125,6 @@ def test_describe_names_each_endpoint_and_why() -> None:
     bring_up(registry, "w1", now=0.0)
     registry.on_down("w2", "refused")
     assert registry.describe(EndpointKind.WORKER, 5.0) == (
-        "w1 stale: last load report 5.0s ago; w2 disconnected: refused"
+        "w1 stale: last load report 5.0s ago; w2 down: refused"
     )
     assert registry.describe(EndpointKind.EMBEDDER, 5.0) == "no embedder configured"
