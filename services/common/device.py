@@ -1,4 +1,7 @@
-"""Which device to run on and what it looks like, for GetInfo and load reports."""
+"""Which torch device a service runs on and what it looks like, for GetInfo and load reports.
+
+Shared by the services that run a model (worker, embedder); protobuf stays in each convert.py.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import platform
 from pathlib import Path
 
 import torch
+
+from services.common.config import ConfigError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -21,11 +26,17 @@ class DeviceStats:
     dtype: str
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "device") -> torch.device:
+    """The torch device for a config value: auto picks cuda when present, else cpu.
+
+    An explicit device that is not there is a ConfigError naming `setting`.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("worker.device='cuda': no CUDA device is available")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{setting}={name!r}: no CUDA device is available")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{setting}={name!r}: MPS is not available")
     return torch.device(name)
 
 

@@ -8,7 +8,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from infermesh.common.v1 import common_pb2
 from infermesh.worker.v1 import worker_pb2
-from services.worker.device import DeviceStats
+from services.common.device import DeviceStats
 from services.worker.request import ChatTurn, GenerateRequest, SamplingParams
 from services.worker.sequence import Delta, Finish
 from services.worker.service import LoadSnapshot, ModelCard

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from services.common.config import ConfigError
+from services.common.device import DTYPES, DeviceStats, device_stats, resolve_device
 from services.common.errors import Unavailable
 from services.worker.config import WorkerConfig
-from services.worker.device import DTYPES, DeviceStats, device_stats, resolve_device
 from services.worker.engine import Engine, EngineLoad
 from services.worker.model.loader import packaged_model_path
 from services.worker.request import (
@@ -176,7 +176,7 @@ def _load_model(config: WorkerConfig) -> tuple[ModelRunner, Tokenizer, str]:
     if config.threads:
         torch.set_num_threads(config.threads)
     path = Path(config.model_path) if config.model_path else packaged_model_path()
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, "worker.device")
     runner, weights = ModelRunner.load(path, device, DTYPES[config.dtype], config.max_context)
     if runner.max_context > weights.args.context_length:
         raise ConfigError(

@@ -9,6 +9,7 @@ launches per decode step, same arithmetic.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -62,6 +63,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclasses.dataclass
+class ForwardContext:
+    """What every layer needs for one forward pass besides the hidden states."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: ContiguousKVCache
+    # Cache position of the first token of the chunk.
+    start: int
+    # None: no mask (one token) or plain causal from position 0.
+    mask: torch.Tensor | None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -86,30 +100,22 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_size, args.hidden_size, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: ContiguousKVCache,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        keys, values = cache.update(self.layer, k, v, start)
+        q = q * ctx.cos + rotate_half(q) * ctx.sin
+        k = k * ctx.cos + rotate_half(k) * ctx.sin
+        keys, values = ctx.cache.update(self.layer, k, v, ctx.start)
         out = F.scaled_dot_product_attention(
             q,
             keys,
             values,
-            attn_mask=mask,
+            attn_mask=ctx.mask,
             # Causal from position 0 is the common prefill case and needs no mask tensor.
-            is_causal=mask is None and length > 1,
+            is_causal=ctx.mask is None and length > 1,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
@@ -134,16 +140,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: ContiguousKVCache,
-        start: int,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -173,11 +171,15 @@ class LlamaModel(nn.Module):
         """input_ids/positions: [1, T]; the tokens sit at cache positions start..start+T."""
         x = self.embed_tokens(input_ids)
         # Tables are float32 (as HF computes them) and cast once per step to the model dtype.
-        cos = self.rope_cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.rope_sin[positions].unsqueeze(1).to(x.dtype)
-        mask = _chunk_mask(input_ids.shape[1], start, x.device)
+        ctx = ForwardContext(
+            cos=self.rope_cos[positions].unsqueeze(1).to(x.dtype),
+            sin=self.rope_sin[positions].unsqueeze(1).to(x.dtype),
+            cache=cache,
+            start=start,
+            mask=_chunk_mask(input_ids.shape[1], start, x.device),
+        )
         for layer in self.layers:
-            x = layer(x, cos, sin, cache, start, mask)
+            x = layer(x, ctx)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

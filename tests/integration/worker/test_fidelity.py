@@ -76,18 +76,26 @@ def chat_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode_chat([ChatTurn("user", text)])
 
 
-def greedy(runner: ModelRunner, prompt: list[int], eos: tuple[int, ...], n: int = NEW_TOKENS) -> list[int]:
+def generate(
+    runner: ModelRunner,
+    prompt: list[int],
+    n: int = NEW_TOKENS,
+    params: SamplingParams = SamplingParams(),
+    resume: list[int] | None = None,
+    eos: tuple[int, ...] = (2,),
+) -> list[int]:
+    """Our generation loop without the engine: prefill, then one token at a time."""
     seq = GenSequence(
         request_id="t",
         prompt_ids=prompt,
-        resume_ids=[],
-        sampling=SamplingParams(),
-        seed=0,
+        resume_ids=resume or [],
+        sampling=params,
+        seed=params.seed or 0,
         max_new_tokens=n,
         decode=lambda ids: "",
         eos_ids=eos,
     )
-    chunk, start = prompt, 0
+    chunk, start = seq.prefix_ids, 0
     while seq.finish is None:
         token, logprob = runner.sample_next(seq, chunk, start)
         start += len(chunk)
@@ -137,42 +145,23 @@ def test_float32_greedy_matches_reference(
             torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=2, pad_token_id=2
         )
     expected = out[0, len(ids) :].tolist()
-    assert greedy(runner, ids, eos=(2,)) == expected
+    assert generate(runner, ids) == expected
 
 
 def test_seeded_resume_continues_the_same_stream(runner: ModelRunner, tokenizer: Tokenizer) -> None:
     """Failover: prompt + the first k sampled tokens, prefilled elsewhere, sample what the original did."""
     ids = chat_ids(tokenizer, "Tell me a story about a dragon.")
     params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
-
-    def run(resume: list[int], n: int) -> list[int]:
-        seq = GenSequence(
-            request_id="t",
-            prompt_ids=ids,
-            resume_ids=resume,
-            sampling=params,
-            seed=1234,
-            max_new_tokens=n,
-            decode=lambda _: "",
-        )
-        chunk, start = seq.prefix_ids, 0
-        while seq.finish is None:
-            token, _ = runner.sample_next(seq, chunk, start)
-            start += len(chunk)
-            seq.append(token, None)
-            chunk = [token]
-        return seq.output_ids
-
-    original = run([], 16)
-    assert run(original[:6], 10) == original[6:]
+    original = generate(runner, ids, 16, params)
+    assert generate(runner, ids, 10, params, resume=original[:6]) == original[6:]
 
 
 def test_bfloat16_answers_like_float32(
     worker_model_bf16: ModelRunner, runner: ModelRunner, tokenizer: Tokenizer
 ) -> None:
     ids = chat_ids(tokenizer, PROMPTS[0])
-    fp32 = greedy(runner, ids, eos=(2,), n=8)
-    bf16 = greedy(worker_model_bf16, ids, eos=(2,), n=8)
+    fp32 = generate(runner, ids, 8)
+    bf16 = generate(worker_model_bf16, ids, 8)
     assert tokenizer.decode(bf16[:6]) == tokenizer.decode(fp32[:6])
     assert "Paris" in tokenizer.decode(bf16)
 

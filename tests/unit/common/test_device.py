@@ -1,0 +1,30 @@
+"""Device resolution and description, shared by the model-running services."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from services.common.config import ConfigError
+from services.common.device import device_stats, resolve_device
+
+
+def test_auto_picks_what_exists() -> None:
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_is_a_config_error_naming_the_setting() -> None:
+    with pytest.raises(ConfigError, match=re.escape("worker.device='cuda'")):
+        resolve_device("cuda", "worker.device")
+
+
+def test_cpu_stats_describe_host_memory() -> None:
+    stats = device_stats(torch.device("cpu"), "bfloat16")
+    assert stats.type == "cpu"
+    assert stats.name
+    assert stats.memory_total_bytes >= stats.memory_used_bytes > 0
+    assert stats.dtype == "bfloat16"
