@@ -6,6 +6,7 @@ Plain values in and out; `convert.py` and `servicer.py` put protobuf around it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import random
@@ -18,7 +19,7 @@ from services.common.config import ConfigError
 from services.common.device import DTYPES, DeviceStats, device_stats, resolve_device
 from services.common.errors import Unavailable
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine, EngineLoad
+from services.worker.engine import Engine, EngineLoad, model_thread
 from services.worker.model.loader import packaged_model_path
 from services.worker.request import (
     ChatTurn,
@@ -57,7 +58,14 @@ class LoadSnapshot:
 
 
 class WorkerService:
-    def __init__(self, config: WorkerConfig, runner: ModelRunner, tokenizer: Tokenizer, source: str) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        source: str,
+        executor: concurrent.futures.ThreadPoolExecutor | None = None,
+    ) -> None:
         self.config = config
         self.runner = runner
         self.tokenizer = tokenizer
@@ -78,14 +86,20 @@ class WorkerService:
             max_waiting=config.max_waiting,
             prefill_chunk_tokens=config.prefill_chunk_tokens,
             on_crash=self._engine_crashed,
+            executor=executor,
         )
         self._stopped = asyncio.Event()
 
     @classmethod
     async def load(cls, config: WorkerConfig) -> WorkerService:
-        """Load model and tokenizer (off the event loop), start the engine and warm it up."""
-        runner, tokenizer, source = await asyncio.to_thread(_load_model, config)
-        return await cls(config, runner, tokenizer, source).start()
+        """Load model and tokenizer on the model thread, start the engine and warm it up."""
+        executor = model_thread()
+        try:
+            loaded = await asyncio.get_running_loop().run_in_executor(executor, _load_model, config)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return await cls(config, *loaded, executor=executor).start()
 
     async def start(self) -> WorkerService:
         self.engine.start()
@@ -177,6 +191,7 @@ def _load_model(config: WorkerConfig) -> tuple[ModelRunner, Tokenizer, str]:
         torch.set_num_threads(config.threads)
     path = Path(config.model_path) if config.model_path else packaged_model_path()
     device = resolve_device(config.device, "worker.device")
+    logger.info("loading model", extra={"source": path.name, "device": str(device), "dtype": config.dtype})
     runner, weights = ModelRunner.load(path, device, DTYPES[config.dtype], config.max_context)
     if runner.max_context > weights.args.context_length:
         raise ConfigError(
