@@ -139,11 +139,13 @@ class Engine:
 
     def load(self) -> EngineLoad:
         running = self._running
+        # Cancelled requests stay queued until the loop reaches them, but are no work.
+        waiting = [h.seq for h in self._waiting if not h.cancelled]
         return EngineLoad(
             running=0 if running is None else 1,
-            waiting=len(self._waiting),
+            waiting=len(waiting),
             running_tokens=0 if running is None else running.seq.remaining,
-            waiting_tokens=sum(len(h.seq.prefix_ids) + h.seq.max_new_tokens for h in self._waiting),
+            waiting_tokens=sum(len(seq.prefix_ids) + seq.max_new_tokens for seq in waiting),
             decode_tokens_per_s=self.decode_meter.rate,
             prefill_tokens_per_s=self.prefill_meter.rate,
             draining=self.draining,

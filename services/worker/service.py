@@ -88,7 +88,7 @@ class WorkerService:
             on_crash=self._engine_crashed,
             executor=executor,
         )
-        self._stopped = asyncio.Event()
+        self._closing = asyncio.Event()
 
     @classmethod
     async def load(cls, config: WorkerConfig) -> WorkerService:
@@ -164,17 +164,19 @@ class WorkerService:
         self.engine.drain()
 
     async def drain_and_wait(self) -> None:
+        """Shutdown: let in-flight work finish, then end the load streams so they do not hold the server."""
         self.engine.drain()
         await self.engine.wait_idle()
+        self._closing.set()
 
     async def stop(self) -> None:
-        self._stopped.set()
+        self._closing.set()
         await self.engine.stop()
 
-    async def wait_stopped(self, timeout: float) -> bool:
-        """Sleep up to `timeout`; True when the service stopped meanwhile."""
+    async def wait_closing(self, timeout: float) -> bool:
+        """Sleep up to `timeout`; True when the service is shutting down."""
         try:
-            await asyncio.wait_for(self._stopped.wait(), timeout)
+            await asyncio.wait_for(self._closing.wait(), timeout)
         except TimeoutError:
             return False
         return True

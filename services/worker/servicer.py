@@ -56,7 +56,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             )
         while True:
             yield convert.load_to_pb(self.service.load_report())
-            if await self.service.wait_stopped(interval_ms / 1000):
+            if await self.service.wait_closing(interval_ms / 1000):
                 return
 
     @grpc_errors

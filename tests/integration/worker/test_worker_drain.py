@@ -78,3 +78,22 @@ async def test_drain_stops_new_work_and_finishes_in_flight(fresh_worker: Running
     info_resp = await stub.GetInfo(worker_pb2.GetInfoRequest())
     assert info_resp.endpoint_id == "worker-to-drain"
     await asyncio.wait_for(fresh_worker.service.engine.wait_idle(), 5)
+
+
+async def test_shutdown_ends_load_streams_instead_of_waiting_out_the_grace(
+    fresh_worker: RunningWorker,
+) -> None:
+    reports = 0
+
+    async def follow_load() -> None:
+        nonlocal reports
+        async for _ in fresh_worker.stub.StreamLoad(worker_pb2.StreamLoadRequest(interval_ms=50)):
+            reports += 1
+
+    follower = asyncio.create_task(follow_load())
+    await asyncio.sleep(0.2)
+    started = asyncio.get_running_loop().time()
+    await fresh_worker.server.stop(grace=5.0)
+    await asyncio.wait_for(follower, 1.0)  # the stream ended cleanly, not by an error
+    assert asyncio.get_running_loop().time() - started < 2.5
+    assert reports >= 2

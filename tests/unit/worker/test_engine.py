@@ -151,8 +151,9 @@ async def test_load_counts_running_and_waiting(engine_with) -> None:  # type: ig
     assert (load.running, load.waiting, load.waiting_tokens) == (1, 1, 9)
     assert 0 < load.running_tokens < 100
     assert load.decode_tokens_per_s > 0
+    b.cancel()  # a cancelled request still queued is no longer work
+    assert (engine.load().waiting, engine.load().waiting_tokens) == (0, 0)
     a.cancel()
-    b.cancel()
 
 
 async def test_stop_fails_unfinished_requests() -> None:
