@@ -72,7 +72,9 @@ async def test_drain_stops_new_work_and_finishes_in_flight(fresh_worker: Running
     assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert rest[-1].usage.completion_tokens == len(first.token_ids) + sum(len(r.token_ids) for r in rest)
 
-    report = await anext(stub.StreamLoad(worker_pb2.StreamLoadRequest()).__aiter__())
+    load = stub.StreamLoad(worker_pb2.StreamLoadRequest(), timeout=10)
+    report = await load.read()
+    load.cancel()
     assert report.draining
     # Read-only calls still answer while draining.
     info_resp = await stub.GetInfo(worker_pb2.GetInfoRequest())
@@ -87,7 +89,8 @@ async def test_shutdown_ends_load_streams_instead_of_waiting_out_the_grace(
 
     async def follow_load() -> None:
         nonlocal reports
-        async for _ in fresh_worker.stub.StreamLoad(worker_pb2.StreamLoadRequest(interval_ms=50)):
+        load = fresh_worker.stub.StreamLoad(worker_pb2.StreamLoadRequest(interval_ms=50), timeout=10)
+        async for _ in load:
             reports += 1
 
     follower = asyncio.create_task(follow_load())

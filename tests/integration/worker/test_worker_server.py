@@ -190,7 +190,7 @@ async def test_still_serves_after_bad_input(worker: RunningWorker) -> None:
 
 
 async def test_cancelled_stream_frees_the_engine(worker: RunningWorker) -> None:
-    long = worker.stub.Generate(request(max_tokens=4000, sampling=SAMPLING(ignore_eos=True)))
+    long = worker.stub.Generate(request(max_tokens=4000, sampling=SAMPLING(ignore_eos=True)), timeout=60)
     received = 0
     async for _ in long:
         received += 1
@@ -212,7 +212,11 @@ async def test_deadline_stops_generation(worker: RunningWorker) -> None:
         async for _ in call:
             pass
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await asyncio.sleep(0.2)  # the engine notices between two steps
+    # The engine notices between two forward passes, well before the 4000 tokens.
+    for _ in range(50):
+        if worker.service.engine.load().running == 0:
+            break
+        await asyncio.sleep(0.05)
     assert worker.service.engine.load().running == 0
 
 
@@ -248,7 +252,7 @@ async def test_stream_load_reports_at_the_interval(worker: RunningWorker) -> Non
     await generate(worker, max_tokens=8)  # something to have measured
     reports = []
     started = time.perf_counter()
-    call = worker.stub.StreamLoad(worker_pb2.StreamLoadRequest(interval_ms=50))
+    call = worker.stub.StreamLoad(worker_pb2.StreamLoadRequest(interval_ms=50), timeout=10)
     async for report in call:
         reports.append(report)
         if len(reports) == 4:
@@ -270,7 +274,7 @@ async def test_stream_load_shows_running_and_waiting(worker: RunningWorker) -> N
     calls = [worker.stub.Generate(long_request) for _ in range(2)]
     consumers = [asyncio.create_task(_drain_call(c)) for c in calls]
     seen = None
-    load = worker.stub.StreamLoad(worker_pb2.StreamLoadRequest(interval_ms=20))
+    load = worker.stub.StreamLoad(worker_pb2.StreamLoadRequest(interval_ms=20), timeout=20)
     async for report in load:
         if report.running == 1 and report.waiting == 1:
             seen = report
