@@ -39,7 +39,7 @@ class ModelRunner:
         # Built on the meta device: no memory or time goes into a random init the weights overwrite.
         with torch.device("meta"):
             model = LlamaModel(weights.args, max_positions=max_context)
-        model = model.to_empty(device=device).to(dtype)
+        model = model.to(dtype).to_empty(device=device)
         model.load_hf_tensors({k: v.to(device=device, dtype=dtype) for k, v in weights.tensors.items()})
         model.place_rope(device)
         model.eval()
