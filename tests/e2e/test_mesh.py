@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
@@ -148,6 +151,42 @@ async def test_cli_chat_and_status(mesh: Mesh, stub: router_pb2_grpc.InferenceSt
     status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert status.returncode == 0, status.stderr
     assert mesh.spec.address("worker") in status.stdout
+
+
+SERVICE_NAMES = {
+    "router": "infermesh.router.v1.Inference",
+    "session": "infermesh.session.v1.SessionStore",
+    "worker": "infermesh.worker.v1.Worker",
+    "embedder": "infermesh.embedder.v1.Embedder",
+}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+async def test_every_process_has_health_and_reflection(
+    mesh: Mesh, stub: router_pb2_grpc.InferenceStub, service: str
+) -> None:
+    async with grpc.aio.insecure_channel(mesh.spec.address(service)) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAMES[service]), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        call = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = set()
+        async for answer in call:
+            names |= {s.name for s in answer.list_services_response.service}
+            break
+    assert {SERVICE_NAMES[service], "grpc.health.v1.Health"} <= names
+
+
+async def test_logs_are_json_lines_without_message_content(
+    mesh: Mesh, stub: router_pb2_grpc.InferenceStub
+) -> None:
+    for service in SERVICES:
+        lines = (mesh.log_dir / f"{service}.log").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        assert records, f"{service} wrote no JSON log lines"
+        assert all(r["service"] == service and "level" in r and "time" in r for r in records)
+        assert not any("capital of France" in line for line in lines), f"{service} logged message content"
 
 
 async def test_sigterm_drains_every_process(mesh: Mesh, stub: router_pb2_grpc.InferenceStub) -> None:
