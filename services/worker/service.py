@@ -99,7 +99,12 @@ class WorkerService:
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return await cls(config, *loaded, executor=executor).start()
+        service = cls(config, *loaded, executor=executor)
+        try:
+            return await service.start()
+        except BaseException:
+            await service.stop()
+            raise
 
     async def start(self) -> WorkerService:
         self.engine.start()
@@ -110,10 +115,6 @@ class WorkerService:
             pass
         logger.info("engine warmed up", extra={"seconds": round(time.perf_counter() - started, 2)})
         return self
-
-    @property
-    def healthy(self) -> bool:
-        return self.engine.alive and not self.engine.draining
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Delta]:
         if self.engine.draining:
