@@ -1,20 +1,23 @@
 """Which torch device a service runs on and what it looks like, for GetInfo and load reports.
 
-Shared by the services that run a model (worker, embedder); protobuf stays in each convert.py.
+Shared by the services that run a model (worker, embedder); protobuf stays in convert modules.
+torch is imported only where a device is resolved or measured, so cores can hold a DeviceStats
+without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from services.common.config import ConfigError
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +29,20 @@ class DeviceStats:
     dtype: str
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a config value ("bfloat16", "float16" or "float32")."""
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
 def resolve_device(name: str, setting: str = "device") -> torch.device:
     """The torch device for a config value: auto picks cuda when present, else cpu.
 
     An explicit device that is not there is a ConfigError naming `setting`.
     """
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -41,6 +53,8 @@ def resolve_device(name: str, setting: str = "device") -> torch.device:
 
 
 def device_stats(device: torch.device, dtype: str) -> DeviceStats:
+    import torch
+
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return DeviceStats("cuda", torch.cuda.get_device_name(device), total, total - free, dtype)
@@ -57,6 +71,8 @@ def _host_memory() -> tuple[int, int]:
         return total, total
 
 
+# Load reports ask for it every few seconds; it does not change while the process runs.
+@functools.cache
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

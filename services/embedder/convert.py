@@ -11,16 +11,13 @@ from google.protobuf.message import Message
 
 from infermesh.common.v1 import common_pb2
 from infermesh.embedder.v1 import embedder_pb2
+from services.common.convert import device_to_pb, model_info_to_pb
+from services.common.device import DeviceStats
 from services.common.errors import InvalidArgument
-from services.embedder.domain import DeviceSnapshot, EmbedQuery, EmbedResult, LoadSnapshot, ModelDescription
+from services.common.model_card import ModelCard
+from services.embedder.domain import EmbedQuery, EmbedResult, LoadSnapshot
 
 M = TypeVar("M", bound=Message)
-
-_DEVICE_TYPES = {
-    "cpu": common_pb2.DEVICE_TYPE_CPU,
-    "cuda": common_pb2.DEVICE_TYPE_CUDA,
-    "mps": common_pb2.DEVICE_TYPE_MPS,
-}
 
 
 @dataclass(frozen=True)
@@ -124,31 +121,7 @@ def embed_response_to_pb(result: EmbedResult) -> embedder_pb2.EmbedResponse:
     )
 
 
-def model_info_to_pb(model: ModelDescription) -> common_pb2.ModelInfo:
-    return common_pb2.ModelInfo(
-        id=model.id,
-        kind=common_pb2.MODEL_KIND_EMBEDDING,
-        context_length=model.context_length,
-        embedding_dim=model.embedding_dim,
-        family=model.family,
-        tier=model.tier,
-        source=model.source,
-    )
-
-
-def device_to_pb(device: DeviceSnapshot) -> common_pb2.DeviceInfo:
-    return common_pb2.DeviceInfo(
-        type=_DEVICE_TYPES.get(device.type, common_pb2.DEVICE_TYPE_UNSPECIFIED),
-        name=device.name,
-        memory_total_bytes=device.memory_total_bytes,
-        memory_used_bytes=device.memory_used_bytes,
-        dtype=device.dtype,
-    )
-
-
-def info_to_pb(
-    endpoint_id: str, model: ModelDescription, device: DeviceSnapshot
-) -> embedder_pb2.GetInfoResponse:
+def info_to_pb(endpoint_id: str, model: ModelCard, device: DeviceStats) -> embedder_pb2.GetInfoResponse:
     return embedder_pb2.GetInfoResponse(
         endpoint_id=endpoint_id, models=[model_info_to_pb(model)], device=device_to_pb(device)
     )

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from services.common.device import DeviceStats
+from services.common.model_card import ModelCard
+
 Vector = npt.NDArray[np.float32]
 
 
@@ -40,29 +43,9 @@ class EmbedResult:
 
 
 @dataclass(frozen=True)
-class ModelDescription:
-    id: str
-    context_length: int
-    embedding_dim: int
-    family: str
-    tier: str
-    # Where the weights came from: a name, never a path.
-    source: str
-
-
-@dataclass(frozen=True)
-class DeviceSnapshot:
-    type: str  # "cpu", "cuda" or "mps"
-    name: str
-    memory_total_bytes: int
-    memory_used_bytes: int
-    dtype: str
-
-
-@dataclass(frozen=True)
 class LoadSnapshot:
-    model: ModelDescription
-    device: DeviceSnapshot
+    model: ModelCard
+    device: DeviceStats
     running: int
     waiting: int
     running_tokens: int

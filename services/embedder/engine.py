@@ -14,15 +14,15 @@ from typing import Protocol
 
 import numpy as np
 
+from services.common.device import DeviceStats
 from services.common.errors import InvalidArgument
+from services.common.model_card import ModelCard
 from services.embedder.batcher import Batcher
 from services.embedder.domain import (
-    DeviceSnapshot,
     EmbeddedItem,
     EmbedQuery,
     EmbedResult,
     LoadSnapshot,
-    ModelDescription,
     Vector,
 )
 
@@ -48,9 +48,9 @@ class EncoderModel(Protocol):
         """Raw (unnormalised) vectors, one per text; over-long texts truncated."""
         ...
 
-    def describe(self, model_id: str) -> ModelDescription: ...
+    def describe(self, model_id: str) -> ModelCard: ...
 
-    def device(self) -> DeviceSnapshot: ...
+    def device(self) -> DeviceStats: ...
 
 
 class EmbedEngine:

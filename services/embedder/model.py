@@ -6,11 +6,8 @@ The only module of the embedder that touches torch.
 from __future__ import annotations
 
 import copy
-import functools
 import importlib.util
 import logging
-import os
-import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,9 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from services.common.config import ConfigError
-from services.embedder.domain import DeviceSnapshot, ModelDescription, Vector
+from services.common.device import DeviceStats, device_stats, resolve_device
+from services.common.model_card import ModelCard
+from services.embedder.domain import Vector
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +37,10 @@ def packaged_model_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("embedder.device='cuda': no CUDA device is available")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("embedder.device='mps': MPS is not available")
-    return device
-
-
 class EmbeddingModel:
     """A loaded sentence-transformers model on one device."""
 
-    def __init__(self, st: SentenceTransformer, device: str, source: str) -> None:
+    def __init__(self, st: SentenceTransformer, device: torch.device, source: str) -> None:
         self._st = st
         self._device = device
         self.source = source
@@ -72,11 +61,11 @@ class EmbeddingModel:
         folder = Path(path) if path else packaged_model_path()
         if not folder.is_dir():
             raise ConfigError(f"embedder.model_path={path!r}: not a folder")
-        resolved = resolve_device(device)
-        st = _without_normalize(SentenceTransformer(str(folder), device=resolved, local_files_only=True))
+        resolved = resolve_device(device, "embedder.device")
+        st = _without_normalize(SentenceTransformer(str(folder), device=str(resolved), local_files_only=True))
         st.eval()
         source = PACKAGE.replace("_", "-") if not path else folder.name
-        logger.info("model loaded", extra={"source": source, "device": resolved})
+        logger.info("model loaded", extra={"source": source, "device": str(resolved)})
         return cls(st, resolved, source)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -95,9 +84,10 @@ class EmbeddingModel:
         )
         return list(np.asarray(vectors, dtype=np.float32))
 
-    def describe(self, model_id: str) -> ModelDescription:
-        return ModelDescription(
+    def describe(self, model_id: str) -> ModelCard:
+        return ModelCard(
             id=model_id,
+            kind="embedding",
             context_length=self.max_seq_length,
             embedding_dim=self.embedding_dim,
             family=self.family,
@@ -105,14 +95,8 @@ class EmbeddingModel:
             source=self.source,
         )
 
-    def device(self) -> DeviceSnapshot:
-        if self._device.startswith("cuda"):
-            index = torch.cuda.current_device()
-            free, total = torch.cuda.mem_get_info(index)
-            return DeviceSnapshot("cuda", torch.cuda.get_device_name(index), total, total - free, self.dtype)
-        total, available = _host_memory()
-        kind = "mps" if self._device == "mps" else "cpu"
-        return DeviceSnapshot(kind, _cpu_name(), total, total - available, self.dtype)
+    def device(self) -> DeviceStats:
+        return device_stats(self._device, self.dtype)
 
 
 def _without_normalize(st: SentenceTransformer) -> SentenceTransformer:
@@ -123,23 +107,3 @@ def _without_normalize(st: SentenceTransformer) -> SentenceTransformer:
     if len(modules) > 1 and type(modules[-1]).__name__ == "Normalize":
         return SentenceTransformer(modules=modules[:-1], device=str(st.device))
     return st
-
-
-def _host_memory() -> tuple[int, int]:
-    try:
-        page = os.sysconf("SC_PAGE_SIZE")
-        return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0, 0
-
-
-@functools.cache
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

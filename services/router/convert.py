@@ -8,13 +8,12 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from infermesh.common.v1 import common_pb2
 from infermesh.embedder.v1 import embedder_pb2
 from infermesh.router.v1 import router_pb2
 from infermesh.session.v1 import session_pb2
 from infermesh.worker.v1 import worker_pb2
+from services.common.convert import device_to_pb, timestamp_seconds, timestamp_to_pb
 from services.router.domain import (
     ChatTurn,
     Degradation,
@@ -85,33 +84,22 @@ def _device_from_pb(d: common_pb2.DeviceInfo) -> DeviceSpec:
     return DeviceSpec(**_same_named(d, DeviceSpec, _DEVICE_OWN), type=kind)
 
 
-def _device_to_pb(d: DeviceSpec) -> common_pb2.DeviceInfo:
-    kind = _DEVICE_PREFIX + (d.type.upper() or "UNSPECIFIED")
-    return common_pb2.DeviceInfo(**_same_named(d, DeviceSpec, _DEVICE_OWN), type=kind)
-
-
 def load_from_pb(r: common_pb2.LoadReport) -> LoadSnapshot:
     return LoadSnapshot(
         **_same_named(r, LoadSnapshot, _LOAD_OWN),
-        at=_timestamp_seconds(r.at) if r.HasField("at") else 0.0,
+        at=timestamp_seconds(r.at) if r.HasField("at") else 0.0,
         models=models_from_pb(r.models),
         device=_device_from_pb(r.device),
     )
 
 
 def load_to_pb(s: LoadSnapshot) -> common_pb2.LoadReport:
-    report = common_pb2.LoadReport(
+    return common_pb2.LoadReport(
         **_same_named(s, LoadSnapshot, _LOAD_OWN),
+        at=timestamp_to_pb(s.at) if s.at else None,
         models=[model_to_pb(m) for m in s.models],
-        device=_device_to_pb(s.device),
+        device=device_to_pb(s.device),
     )
-    if s.at:
-        report.at.FromNanoseconds(int(s.at * 1e9))
-    return report
-
-
-def _timestamp_seconds(ts: Timestamp) -> float:
-    return ts.seconds + ts.nanos / 1e9
 
 
 # --- Generate ----------------------------------------------------------------------------
@@ -135,7 +123,7 @@ def generate_from_pb(req: router_pb2.GenerateRequest) -> GenerateParams:
         max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
         stop=tuple(req.stop),
         priority=req.priority,
-        deadline=_timestamp_seconds(req.deadline) if req.HasField("deadline") else None,
+        deadline=timestamp_seconds(req.deadline) if req.HasField("deadline") else None,
         request_id=req.request_id,
     )
 

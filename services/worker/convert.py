@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from infermesh.common.v1 import common_pb2
 from infermesh.worker.v1 import worker_pb2
+from services.common.convert import device_to_pb, model_info_to_pb, timestamp_to_pb
 from services.common.device import DeviceStats
+from services.common.model_card import ModelCard
 from services.worker.request import ChatTurn, GenerateRequest, SamplingParams
 from services.worker.sequence import Delta, Finish
-from services.worker.service import LoadSnapshot, ModelCard
+from services.worker.service import LoadSnapshot
 
 _ROLES = {
     common_pb2.ROLE_SYSTEM: "system",
@@ -24,11 +24,6 @@ _FINISH = {
     Finish.LENGTH: common_pb2.FINISH_REASON_LENGTH,
     Finish.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
     Finish.ERROR: common_pb2.FINISH_REASON_ERROR,
-}
-_DEVICE_TYPES = {
-    "cpu": common_pb2.DEVICE_TYPE_CPU,
-    "cuda": common_pb2.DEVICE_TYPE_CUDA,
-    "mps": common_pb2.DEVICE_TYPE_MPS,
 }
 
 
@@ -80,43 +75,20 @@ def delta_to_pb(delta: Delta, model: str = "") -> worker_pb2.GenerateResponse:
     return resp
 
 
-def model_to_pb(card: ModelCard) -> common_pb2.ModelInfo:
-    return common_pb2.ModelInfo(
-        id=card.id,
-        kind=common_pb2.MODEL_KIND_CHAT,
-        context_length=card.context_length,
-        family=card.family,
-        tier=card.tier,
-        source=card.source,
-    )
-
-
-def device_to_pb(d: DeviceStats) -> common_pb2.DeviceInfo:
-    return common_pb2.DeviceInfo(
-        type=_DEVICE_TYPES.get(d.type, common_pb2.DEVICE_TYPE_UNSPECIFIED),
-        name=d.name,
-        memory_total_bytes=d.memory_total_bytes,
-        memory_used_bytes=d.memory_used_bytes,
-        dtype=d.dtype,
-    )
-
-
 def info_to_pb(
     endpoint_id: str, models: Iterable[ModelCard], device: DeviceStats
 ) -> worker_pb2.GetInfoResponse:
     return worker_pb2.GetInfoResponse(
-        endpoint_id=endpoint_id, models=[model_to_pb(m) for m in models], device=device_to_pb(device)
+        endpoint_id=endpoint_id, models=[model_info_to_pb(m) for m in models], device=device_to_pb(device)
     )
 
 
 def load_to_pb(snap: LoadSnapshot) -> common_pb2.LoadReport:
-    at = Timestamp()
-    at.FromNanoseconds(int(snap.at * 1e9))
     e = snap.engine
     return common_pb2.LoadReport(
         endpoint_id=snap.endpoint_id,
-        at=at,
-        models=[model_to_pb(m) for m in snap.models],
+        at=timestamp_to_pb(snap.at),
+        models=[model_info_to_pb(m) for m in snap.models],
         device=device_to_pb(snap.device),
         running=e.running,
         waiting=e.waiting,

@@ -16,8 +16,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from services.common.config import ConfigError
-from services.common.device import DTYPES, DeviceStats, device_stats, resolve_device
+from services.common.device import DeviceStats, device_stats, resolve_device, torch_dtype
 from services.common.errors import Unavailable
+from services.common.model_card import ModelCard
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, EngineLoad, model_thread
 from services.worker.model.loader import packaged_model_path
@@ -37,15 +38,6 @@ from services.worker.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelCard:
-    id: str
-    context_length: int
-    family: str
-    tier: str
-    source: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +62,7 @@ class WorkerService:
         self.runner = runner
         self.tokenizer = tokenizer
         args = runner.args
-        self.card = ModelCard(config.model_id, runner.max_context, args.family, config.tier, source)
+        self.card = ModelCard(config.model_id, "chat", runner.max_context, args.family, config.tier, source)
         self.limits = Limits(
             model_id=config.model_id,
             vocab_size=args.vocab_size,
@@ -195,7 +187,7 @@ def _load_model(config: WorkerConfig) -> tuple[ModelRunner, Tokenizer, str]:
     path = Path(config.model_path) if config.model_path else packaged_model_path()
     device = resolve_device(config.device, "worker.device")
     logger.info("loading model", extra={"source": path.name, "device": str(device), "dtype": config.dtype})
-    runner, weights = ModelRunner.load(path, device, DTYPES[config.dtype], config.max_context)
+    runner, weights = ModelRunner.load(path, device, torch_dtype(config.dtype), config.max_context)
     if runner.max_context > weights.args.context_length:
         raise ConfigError(
             f"worker.max_context={config.max_context}: must be <= the model's context length "

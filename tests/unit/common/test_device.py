@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from services.common.config import ConfigError
-from services.common.device import device_stats, resolve_device
+from services.common.device import device_stats, resolve_device, torch_dtype
 
 
 def test_auto_picks_what_exists() -> None:
@@ -28,3 +30,18 @@ def test_cpu_stats_describe_host_memory() -> None:
     assert stats.name
     assert stats.memory_total_bytes >= stats.memory_used_bytes > 0
     assert stats.dtype == "bfloat16"
+
+
+def test_torch_dtype_names() -> None:
+    assert [torch_dtype(n) for n in ("bfloat16", "float16", "float32")] == [
+        torch.bfloat16,
+        torch.float16,
+        torch.float32,
+    ]
+
+
+def test_importing_device_stats_does_not_import_torch() -> None:
+    # Pure cores (the embedder's engine) hold DeviceStats and must stay torch-free.
+    code = "import sys, services.common.device, services.common.convert; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

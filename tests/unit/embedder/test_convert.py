@@ -7,19 +7,15 @@ import pytest
 
 from infermesh.common.v1 import common_pb2
 from infermesh.embedder.v1 import embedder_pb2
+from services.common.device import DeviceStats
 from services.common.errors import InvalidArgument
+from services.common.model_card import ModelCard
 from services.embedder import convert
 from services.embedder.convert import Undecodable
-from services.embedder.domain import (
-    DeviceSnapshot,
-    EmbeddedItem,
-    EmbedResult,
-    LoadSnapshot,
-    ModelDescription,
-)
+from services.embedder.domain import EmbeddedItem, EmbedResult, LoadSnapshot
 
-MODEL = ModelDescription("m", 256, 3, "bert", "small", "pkg")
-DEVICE = DeviceSnapshot("cuda", "gpu", 1000, 100, "float16")
+MODEL = ModelCard("m", "embedding", 256, "bert", "small", "pkg", embedding_dim=3)
+DEVICE = DeviceStats("cuda", "gpu", 1000, 100, "float16")
 
 
 def with_bad_utf8(request: embedder_pb2.EmbedRequest, marker: str) -> bytes:

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 import pytest
 
+from services.common.device import DeviceStats
 from services.common.errors import InvalidArgument
-from services.embedder.domain import DeviceSnapshot, EmbedQuery, ModelDescription, Vector
+from services.common.model_card import ModelCard
+from services.embedder.domain import EmbedQuery, Vector
 from services.embedder.engine import EmbedEngine, normalize
 
 
@@ -27,11 +29,11 @@ class FakeModel:
         self.encoded.append(list(texts))
         return [np.array([len(t.split()), len(t), 1.0], dtype=np.float32) for t in texts]
 
-    def describe(self, model_id: str) -> ModelDescription:
-        return ModelDescription(model_id, self.max_seq_length, 3, "fake", "small", "fake")
+    def describe(self, model_id: str) -> ModelCard:
+        return ModelCard(model_id, "embedding", self.max_seq_length, "fake", "small", "fake", embedding_dim=3)
 
-    def device(self) -> DeviceSnapshot:
-        return DeviceSnapshot("cpu", "fake cpu", 100, 10, "float32")
+    def device(self) -> DeviceStats:
+        return DeviceStats("cpu", "fake cpu", 100, 10, "float32")
 
 
 @pytest.fixture(scope="module")
