@@ -56,6 +56,31 @@ class RouterConfig:
         2, "Endpoints tried for one request when one is unavailable before answering.", min=1, max=10
     )
 
+    placement_policy: str = setting(
+        "predicted_time",
+        "predicted_time: earliest predicted completion from measured load and speed; "
+        "least_loaded: fewest sequences.",
+        choices=["predicted_time", "least_loaded"],
+    )
+    prior_decode_tokens_per_s: float = setting(
+        50.0, "Decode speed assumed for an endpoint until it reports its own.", min=0.001
+    )
+    prior_prefill_tokens_per_s: float = setting(
+        500.0, "Prefill speed assumed for an endpoint until it reports its own.", min=0.001
+    )
+    affinity_factor: float = setting(
+        1.5,
+        "A session stays on the endpoint that served it (prefix cache) unless its predicted "
+        "completion is more than this many times the best one.",
+        min=1.0,
+    )
+    eject_after_errors: int = setting(
+        3, "Consecutive failed requests that take an endpoint out of placement.", min=1
+    )
+    eject_s: float = setting(
+        5.0, "How long an ejected endpoint gets no requests before one probes it again.", min=0.01
+    )
+
     def check(self) -> None:
         for name in ("worker_addresses", "embedder_addresses"):
             addresses: list[str] = getattr(self, name)

@@ -22,7 +22,7 @@ from services.common.errors import Unavailable
 from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
 from services.router import convert
 from services.router.domain import EndpointKind
-from services.router.placement import PlacementPolicy, create_placement_policy
+from services.router.placement import Ask, PlacementPolicy, create_placement_policy, fitting
 from services.router.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,10 @@ class EndpointMonitor:
         backoff_max_s: float,
         policy: PlacementPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        eject_after_errors: int = 3,
+        eject_s: float = 5.0,
     ) -> None:
-        self.registry = Registry(stale_after_s)
+        self.registry = Registry(stale_after_s, eject_after_errors, eject_s)
         self.report_interval_ms = report_interval_ms
         self.rpc_timeout_s = rpc_timeout_s
         self.backoff_max_s = backoff_max_s
@@ -115,37 +117,57 @@ class EndpointMonitor:
         stub_cls, _ = _PROTOCOLS[self._kinds[address]]
         return stub_cls(self._channels[address])
 
-    def place(self, kind: EndpointKind, model_id: str, exclude: frozenset[str] = frozenset()) -> str:
+    def place(
+        self, kind: EndpointKind, model_id: str, exclude: frozenset[str] = frozenset(), ask: Ask | None = None
+    ) -> str:
         """Address of the endpoint that gets the request; UNAVAILABLE naming the model if none can."""
+        ask = ask or Ask()
         now = self.clock()
         candidates = self.registry.candidates(kind, model_id, now, exclude)
         if not candidates:
             raise Unavailable(
                 f"model {model_id!r} has no healthy {kind.value} ({self.registry.describe(kind, now)})"
             )
-        return self.policy.choose(candidates).address
+        fit, reasons = fitting(candidates, ask.needs)
+        if not fit:
+            raise Unavailable(
+                f"model {model_id!r} has no {kind.value} that can hold the request ({'; '.join(reasons)})"
+            )
+        address = self.policy.choose(fit, ask).address
+        self.registry.on_placed(address, ask.prompt_tokens + ask.max_tokens)
+        return address
 
     async def dispatch(
-        self, kind: EndpointKind, model_id: str, attempt: Callable[[str], Awaitable[T]], attempts: int
+        self,
+        kind: EndpointKind,
+        model_id: str,
+        attempt: Callable[[str], Awaitable[T]],
+        attempts: int,
+        ask: Ask | None = None,
     ) -> T:
         """Run `attempt(address)` on a placed endpoint; on UNAVAILABLE, on another, up to `attempts`."""
         tried: set[str] = set()
         failure: tuple[str, grpc.aio.AioRpcError] | None = None
         while len(tried) < attempts:
             try:
-                address = self.place(kind, model_id, frozenset(tried))
+                address = self.place(kind, model_id, frozenset(tried), ask)
             except Unavailable:
                 if failure is None:
                     raise
                 break
             tried.add(address)
             try:
-                return await attempt(address)
+                result = await attempt(address)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is not grpc.StatusCode.UNAVAILABLE:
                     raise
                 failure = (address, exc)
+                if self.registry.on_error(address, self.clock()):
+                    logger.warning("%s %s ejected after repeated failures", kind.value, address)
                 logger.warning("%s %s unavailable for a request: %s", kind.value, address, exc.details())
+                continue
+            self.registry.on_success(address)
+            return result
         assert failure is not None
         failed_address, error = failure
         raise Unavailable(f"{kind.value} {failed_address} is unavailable: {error.details()}")

@@ -27,6 +27,7 @@ from services.router.domain import (
 )
 from services.router.endpoints import EndpointMonitor
 from services.router.history import merge_history, turns_to_append
+from services.router.placement import Ask, HardwareNeeds
 from services.router.sessions import SessionClient, SessionUnavailable
 from services.router.tenancy import tenant_of
 from services.router.validation import GenerateLimits, time_budget, validate_generate
@@ -87,14 +88,17 @@ class Generation:
         deadline = _Deadline(time_budget(context.time_remaining(), params.deadline, time.time()))
         turn = _Turn(params, request_id, tenant_of(context), deadline)
         await self._load_history(turn)
+        messages = merge_history(turn.window, params.messages, request_id)
         worker_req = convert.worker_request_to_pb(
-            req,
-            request_id,
-            resolved.model.id,
-            merge_history(turn.window, params.messages, request_id),
-            resolved.max_tokens,
+            req, request_id, resolved.model.id, messages, resolved.max_tokens
         )
-        async for out in self._relay(worker_req, resolved.model.id, turn):
+        ask = Ask(
+            prompt_tokens=estimate_tokens(params.prompt or "", *(m.content for m in messages)),
+            max_tokens=resolved.max_tokens,
+            session_id=params.session_id,
+            needs=HardwareNeeds(context_tokens=resolved.max_tokens),
+        )
+        async for out in self._relay(worker_req, resolved.model.id, turn, ask):
             yield out
 
     async def _load_history(self, turn: _Turn) -> None:
@@ -115,7 +119,7 @@ class Generation:
             turn.degraded.append(Degradation(DegradationStep.HISTORY_UNAVAILABLE, reason))
 
     async def _relay(
-        self, worker_req: Any, model_id: str, turn: _Turn
+        self, worker_req: Any, model_id: str, turn: _Turn, ask: Ask
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         """Stream the worker's reply through as it comes; record the turn before the last message."""
         address = ""
@@ -133,7 +137,7 @@ class Generation:
         call = None
         try:
             call, resp = await self.endpoints.dispatch(
-                EndpointKind.WORKER, model_id, open_stream, self.config.dispatch_attempts
+                EndpointKind.WORKER, model_id, open_stream, self.config.dispatch_attempts, ask
             )
             reply: list[str] = []
             first = True
@@ -184,6 +188,11 @@ class Generation:
             return None
         logger.warning("turn not recorded: %s", reason)
         return Degradation(DegradationStep.HISTORY_UNAVAILABLE, f"the turn was not recorded: {reason}")
+
+
+def estimate_tokens(*texts: str) -> int:
+    """Rough token count for placement only: about four characters a token in English."""
+    return sum(len(t) for t in texts) // 4
 
 
 def _worker_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:

@@ -2,7 +2,8 @@
 
 Pure state: the endpoint monitor feeds it events with a clock reading; placement and
 cluster status read it. An endpoint is usable when it is up (reachable, health SERVING),
-its latest report is fresh and it is not draining.
+its latest report is fresh, it is not draining and it is not ejected for repeated errors
+(an ejected endpoint is probed back in with one request once its ejection ends).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ class EndpointState:
     load: LoadSnapshot | None = None
     reported_at: float | None = None  # clock reading when the latest report arrived
     error: str = "not reached yet"
+    placed_tokens: int = 0  # tokens placed here since the latest report (it cannot know them yet)
+    # Latest non-zero speeds: an idle endpoint reports 0 but has not become slow.
+    decode_tokens_per_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    errors: int = 0  # consecutive failed requests
+    ejected_until: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,10 @@ class EndpointView:
 
 
 class Registry:
-    def __init__(self, stale_after_s: float) -> None:
+    def __init__(self, stale_after_s: float, eject_after_errors: int = 3, eject_s: float = 5.0) -> None:
         self.stale_after_s = stale_after_s
+        self.eject_after_errors = eject_after_errors
+        self.eject_s = eject_s
         self._endpoints: dict[str, EndpointState] = {}
 
     def add(self, address: str, kind: EndpointKind) -> None:
@@ -57,6 +66,11 @@ class Registry:
         state = self._endpoints[address]
         state.load = load
         state.reported_at = now
+        state.placed_tokens = 0
+        if load.decode_tokens_per_s > 0:
+            state.decode_tokens_per_s = load.decode_tokens_per_s
+        if load.prefill_tokens_per_s > 0:
+            state.prefill_tokens_per_s = load.prefill_tokens_per_s
         if load.models:
             state.models = load.models
 
@@ -71,6 +85,23 @@ class Registry:
         state.error = reason
         return was_up
 
+    def on_placed(self, address: str, tokens: int) -> None:
+        self._endpoints[address].placed_tokens += tokens
+
+    def on_error(self, address: str, now: float) -> bool:
+        """A request failed there; True when this ejects it (again, if it was being probed)."""
+        state = self._endpoints[address]
+        state.errors += 1
+        if state.errors < self.eject_after_errors:
+            return False
+        state.ejected_until = now + self.eject_s
+        return True
+
+    def on_success(self, address: str) -> None:
+        state = self._endpoints[address]
+        state.errors = 0
+        state.ejected_until = 0.0
+
     def _assess(self, state: EndpointState, now: float) -> tuple[bool, str]:
         if not state.up:
             return False, f"down: {state.error}"
@@ -81,6 +112,8 @@ class Registry:
             return False, f"stale: last load report {age:.1f}s ago"
         if state.load.draining:
             return False, "draining"
+        if now < state.ejected_until:
+            return False, f"ejected after {state.errors} failed requests for {state.ejected_until - now:.1f}s"
         return True, "ok"
 
     def is_usable(self, address: str, now: float) -> bool:
@@ -102,10 +135,11 @@ class Registry:
         for state in self._endpoints.values():
             if state.kind is not kind or state.address in exclude:
                 continue
-            if not any(m.id == model_id for m in state.models):
+            model = next((m for m in state.models if m.id == model_id), None)
+            if model is None:
                 continue
             if self._assess(state, now)[0] and state.load is not None:
-                out.append(Candidate(state.address, state.load.waiting + state.load.running))
+                out.append(_candidate(state, state.load, model))
         return out
 
     def describe(self, kind: EndpointKind, now: float) -> str:
@@ -132,3 +166,16 @@ class Registry:
                 ):
                     merged[model.id] = model
         return list(merged.values())
+
+
+def _candidate(state: EndpointState, load: LoadSnapshot, model: ModelSpec) -> Candidate:
+    return Candidate(
+        address=state.address,
+        load=load.waiting + load.running,
+        backlog_tokens=load.running_tokens + load.waiting_tokens + state.placed_tokens,
+        decode_tokens_per_s=state.decode_tokens_per_s,
+        prefill_tokens_per_s=state.prefill_tokens_per_s,
+        device_type=load.device.type,
+        memory_total_bytes=load.device.memory_total_bytes,
+        context_length=model.context_length,
+    )

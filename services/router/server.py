@@ -10,6 +10,7 @@ from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from services.common.server import GrpcServer, serve_forever
 from services.router.config import RouterConfig
 from services.router.endpoints import EndpointMonitor, channel_options
+from services.router.placement import Priors, create_placement_policy
 from services.router.servicer import AdminServicer, InferenceServicer
 from services.router.sessions import SessionClient
 
@@ -30,6 +31,15 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         stale_after_s=config.endpoint_stale_s,
         rpc_timeout_s=config.downstream_timeout_s,
         backoff_max_s=config.reconnect_backoff_max_s,
+        policy=create_placement_policy(
+            config.placement_policy,
+            Priors(
+                config.prior_decode_tokens_per_s, config.prior_prefill_tokens_per_s, config.default_max_tokens
+            ),
+            config.affinity_factor,
+        ),
+        eject_after_errors=config.eject_after_errors,
+        eject_s=config.eject_s,
     )
     sessions = None
     if config.session_address:

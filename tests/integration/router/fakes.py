@@ -83,12 +83,16 @@ class FakeWorker(_ReportsLoad, worker_pb2_grpc.WorkerServicer):
         token_delay_s: float = 0.0,
         running: int = 0,
         waiting: int = 0,
+        decode_tokens_per_s: float = 42.0,
     ) -> None:
         self.endpoint_id = endpoint_id
         self.models = models or [chat_model()]
         self.token_delay_s = token_delay_s
+        # Reported load: these fixed numbers plus the streams in flight.
         self.running = running
         self.waiting = waiting
+        self.decode_tokens_per_s = decode_tokens_per_s
+        self.tokens_left: dict[int, int] = {}  # per stream in flight
         self.draining = False
         self.reply_prefix = "echo: "
         self.fail_with: grpc.StatusCode | None = None
@@ -125,8 +129,10 @@ class FakeWorker(_ReportsLoad, worker_pb2_grpc.WorkerServicer):
             if len(tokens) == request.max_tokens
             else common_pb2.FINISH_REASON_STOP
         )
+        stream = id(context)
         try:
             for i, token in enumerate(tokens):
+                self.tokens_left[stream] = len(tokens) - i
                 if self.hold_after is not None and i == self.hold_after:
                     await self.release.wait()
                 if self.token_delay_s:
@@ -141,17 +147,20 @@ class FakeWorker(_ReportsLoad, worker_pb2_grpc.WorkerServicer):
         except asyncio.CancelledError:
             self.cancelled.append(request.request_id)
             raise
+        finally:
+            self.tokens_left.pop(stream, None)
         self.finished.append(request.request_id)
 
     def load_report(self) -> common_pb2.LoadReport:
         return common_pb2.LoadReport(
             endpoint_id=self.endpoint_id,
             at=_now(),
-            running=self.running,
+            running=self.running + len(self.tokens_left),
             waiting=self.waiting,
+            running_tokens=sum(self.tokens_left.values()),
             kv_blocks_free=90,
             kv_blocks_total=100,
-            decode_tokens_per_s=42.0,
+            decode_tokens_per_s=self.decode_tokens_per_s,
             device=common_pb2.DeviceInfo(type=common_pb2.DEVICE_TYPE_CPU, name="fake cpu"),
             draining=self.draining,
         )

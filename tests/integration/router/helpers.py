@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
+
+import grpc
 
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
@@ -42,6 +45,17 @@ async def start_router(**overrides: Any) -> GrpcServer:
     server = await create_server(config)
     await server.start()
     return server
+
+
+@asynccontextmanager
+async def router_for(addresses: list[str], **overrides: Any) -> AsyncIterator[router_pb2_grpc.InferenceStub]:
+    """A router in front of the workers at `addresses`, stopped on exit."""
+    router = await start_router(worker_addresses=addresses, **overrides)
+    try:
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            yield router_pb2_grpc.InferenceStub(channel)
+    finally:
+        await router.stop(0)
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> None:

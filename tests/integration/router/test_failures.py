@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -18,21 +16,11 @@ from tests.integration.router.helpers import (
     collect,
     free_port,
     healthy_endpoints,
-    start_router,
+    router_for,
     text_of,
     wait_healthy,
     wait_until,
 )
-
-
-@asynccontextmanager
-async def router_for(addresses: list[str], **overrides: Any) -> AsyncIterator[router_pb2_grpc.InferenceStub]:
-    router = await start_router(worker_addresses=addresses, **overrides)
-    try:
-        async with grpc.aio.insecure_channel(router.address) as channel:
-            yield router_pb2_grpc.InferenceStub(channel)
-    finally:
-        await router.stop(0)
 
 
 async def expect_unavailable(stub: router_pb2_grpc.InferenceStub, **fields: Any) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.router.domain import EndpointKind, LoadSnapshot, ModelKind, ModelSpec
+from services.router.domain import DeviceSpec, EndpointKind, LoadSnapshot, ModelKind, ModelSpec
 from services.router.placement import Candidate
 from services.router.registry import Registry
 
@@ -93,12 +93,74 @@ def test_candidates_filter_by_kind_model_usability_and_exclusion() -> None:
     registry.on_report("w3", LoadSnapshot(draining=True), 0.0)
     bring_up(registry, "w4", now=0.0, running=5)
     bring_up(registry, "e1", now=0.0, models=(EMBED,))
-    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0) == [Candidate("w1", 3), Candidate("w4", 5)]
-    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0, exclude=frozenset({"w1"})) == [
-        Candidate("w4", 5)
+    assert loads(registry.candidates(EndpointKind.WORKER, "chat", 0.0)) == [("w1", 3), ("w4", 5)]
+    assert loads(registry.candidates(EndpointKind.WORKER, "chat", 0.0, exclude=frozenset({"w1"}))) == [
+        ("w4", 5)
     ]
-    assert registry.candidates(EndpointKind.EMBEDDER, "embed", 0.0) == [Candidate("e1", 0)]
+    assert loads(registry.candidates(EndpointKind.EMBEDDER, "embed", 0.0)) == [("e1", 0)]
     assert registry.candidates(EndpointKind.EMBEDDER, "chat", 0.0) == []
+
+
+def loads(candidates: list[Candidate]) -> list[tuple[str, int]]:
+    return [(c.address, c.load) for c in candidates]
+
+
+def test_candidate_carries_backlog_speed_device_and_context() -> None:
+    registry = make_registry("w")
+    registry.on_info("w", "id", (CHAT,))
+    device = DeviceSpec(type="cuda", memory_total_bytes=80)
+    report = LoadSnapshot(
+        running_tokens=30,
+        waiting_tokens=12,
+        decode_tokens_per_s=40.0,
+        prefill_tokens_per_s=900.0,
+        device=device,
+    )
+    registry.on_report("w", report, 0.0)
+    (candidate,) = registry.candidates(EndpointKind.WORKER, "chat", 0.0)
+    assert candidate == Candidate(
+        "w",
+        backlog_tokens=42,
+        decode_tokens_per_s=40.0,
+        prefill_tokens_per_s=900.0,
+        device_type="cuda",
+        memory_total_bytes=80,
+        context_length=2048,
+    )
+
+
+def test_placed_tokens_count_until_the_next_report() -> None:
+    registry = make_registry("w")
+    bring_up(registry, "w", now=0.0, running_tokens=10)
+    registry.on_placed("w", 5)
+    registry.on_placed("w", 7)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0)[0].backlog_tokens == 22
+    registry.on_report("w", LoadSnapshot(running_tokens=20), 0.1)  # now includes what was placed
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].backlog_tokens == 20
+
+
+def test_idle_report_keeps_the_last_measured_speed() -> None:
+    registry = make_registry("w")
+    bring_up(registry, "w", now=0.0, decode_tokens_per_s=30)
+    registry.on_report("w", LoadSnapshot(), 0.1)  # idle: nothing measured in this interval
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].decode_tokens_per_s == 30.0
+
+
+def test_repeated_errors_eject_until_a_probe_succeeds() -> None:
+    registry = Registry(stale_after_s=100.0, eject_after_errors=2, eject_s=5.0)
+    registry.add("w", EndpointKind.WORKER)
+    bring_up(registry, "w", now=0.0)
+    assert not registry.on_error("w", 1.0)
+    assert registry.is_usable("w", 1.0)
+    assert registry.on_error("w", 1.0)
+    assert not registry.is_usable("w", 5.9)
+    assert detail(registry, "w", 2.0) == "ejected after 2 failed requests for 4.0s"
+    assert registry.is_usable("w", 6.0)  # probed back in
+    assert registry.on_error("w", 6.0)  # the probe failed: out again at once
+    assert not registry.is_usable("w", 10.0)
+    registry.on_success("w")
+    assert registry.is_usable("w", 10.0)
+    assert not registry.on_error("w", 10.0)  # the count starts over
 
 
 def test_report_models_replace_info_models() -> None:

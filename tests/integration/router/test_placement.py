@@ -1,0 +1,74 @@
+"""Placement through a real router: work follows measured speed, sessions stick, failing
+workers are ejected."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import grpc
+
+from services.common.server import GrpcServer
+from tests.integration.router.conftest import Mesh
+from tests.integration.router.fakes import FakeWorker, start_fake
+from tests.integration.router.helpers import chat_request, collect, router_for, wait_healthy
+from tests.integration.router.test_sessions import new_session
+
+TEN_WORDS = " ".join(f"w{i}" for i in range(10))
+
+
+async def start_workers(*workers: FakeWorker) -> list[GrpcServer]:
+    return [await start_fake(w) for w in workers]
+
+
+async def stop_all(servers: list[GrpcServer]) -> None:
+    for server in servers:
+        await server.stop(0)
+
+
+async def test_work_splits_in_proportion_to_reported_speed() -> None:
+    slow, fast = FakeWorker("slow", decode_tokens_per_s=100.0), FakeWorker("fast", decode_tokens_per_s=300.0)
+    for worker in (slow, fast):
+        worker.token_delay_s = 0.01  # streams overlap, so load reports see them in flight
+    servers = await start_workers(slow, fast)
+    try:
+        async with router_for([s.address for s in servers]) as stub:
+            await wait_healthy(stub, {s.address for s in servers})
+            used: Counter[str] = Counter()
+            for _ in range(4):
+                waves = [collect(stub, chat_request(TEN_WORDS, max_tokens=10), timeout=10) for _ in range(20)]
+                for responses in await asyncio.gather(*waves):
+                    used[responses[0].worker] += 1
+            fast_share = used[servers[1].address] / sum(used.values())
+            print(f"fast worker share {fast_share:.3f}, ideal 0.750, ratio {fast_share / 0.75:.3f}")
+            # Ideal: 300 / (100 + 300) = 0.75 of the requests, all of the same size.
+            assert 0.6 <= fast_share <= 0.9, f"fast worker got {fast_share:.2f} of the work, ideal 0.75"
+    finally:
+        await stop_all(servers)
+
+
+async def test_sessions_stay_on_the_worker_that_served_them(mesh: Mesh) -> None:
+    sessions = [await new_session(mesh) for _ in range(4)]
+    placed: dict[str, set[str]] = {s: set() for s in sessions}
+    for _ in range(3):
+        for session_id in sessions:
+            responses = await collect(mesh.stub, chat_request("again", session_id=session_id))
+            placed[session_id].add(responses[0].worker)
+    assert all(len(workers) == 1 for workers in placed.values()), placed
+    # Affinity does not pile every session onto one worker: equals still rotate at first.
+    assert len(set().union(*placed.values())) == 2
+
+
+async def test_repeatedly_failing_worker_is_ejected() -> None:
+    bad, good = FakeWorker("bad"), FakeWorker("good", running=1)  # "bad" looks better by load
+    bad.fail_with = grpc.StatusCode.UNAVAILABLE
+    servers = await start_workers(bad, good)
+    try:
+        async with router_for([s.address for s in servers], eject_after_errors=2, eject_s=60.0) as stub:
+            await wait_healthy(stub, {s.address for s in servers})
+            for _ in range(5):
+                responses = await collect(stub, chat_request("x"), timeout=5)
+                assert responses[0].worker == servers[1].address
+            assert len(bad.requests) == 2  # tried twice, then out of placement
+    finally:
+        await stop_all(servers)
