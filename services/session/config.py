@@ -33,6 +33,22 @@ class SessionConfig:
         5.0, "Bound on connecting, waiting for a pooled connection and each statement.", min=0.05, max=300
     )
     health_interval_s: float = setting(5.0, "How often the database is probed for health.", min=0.1, max=300)
+    redis_url: str = setting(
+        "",
+        "Redis for the window cache (redis://host:port/db); empty keeps the cache in process "
+        "(one replica only).",
+    )
+    redis_prefix: str = setting("infermesh:session", "Prefix of every Redis key the service writes.")
+    redis_timeout_s: float = setting(
+        0.25, "Bound on each Redis call; slower calls fall back to the database.", min=0.001, max=30
+    )
+    cache_retry_s: float = setting(
+        1.0, "After a cache failure the cache is skipped this long.", min=0.0, max=300
+    )
+    cache_ttl_s: float = setting(300.0, "How long a cached window lives.", min=0.1, max=86_400)
+    cache_max_sessions: int = setting(
+        10_000, "Sessions whose windows the in-process cache keeps (least recently used dropped).", min=0
+    )
 
     def check(self) -> None:
         if self.default_page_size > self.max_page_size:
@@ -40,6 +56,10 @@ class SessionConfig:
                 f"session.default_page_size={self.default_page_size}: must be <= max_page_size "
                 f"({self.max_page_size})"
             )
+        redis_scheme = self.redis_url.split("://", 1)[0]
+        if self.redis_url and redis_scheme not in ("redis", "rediss", "unix"):
+            # The scheme only: the URL may hold a password.
+            raise ConfigError(f"session.redis_url scheme {redis_scheme!r}: must be redis, rediss or unix")
         if self.database_url:
             scheme = self.database_url.split("://", 1)[0]
             if scheme not in _ACCEPTED_SCHEMES:

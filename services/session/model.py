@@ -89,3 +89,5 @@ class SessionExport:
 class EraseResult:
     sessions_erased: int
     messages_erased: int
+    # Ids of the erased sessions, so that caches can drop them.
+    session_ids: tuple[str, ...] = ()

@@ -11,7 +11,9 @@ from typing import Any
 from infermesh.session.v1 import session_pb2, session_pb2_grpc
 from services.common.server import GrpcServer, serve_forever
 from services.session import db, migrate
+from services.session.cache import CachedStore, MemoryWindowCache, WindowCache
 from services.session.config import SessionConfig
+from services.session.redis_cache import RedisWindowCache
 from services.session.servicer import SessionStoreServicer
 from services.session.sql_store import SqlStore
 from services.session.store import Store
@@ -75,9 +77,10 @@ class DatabaseProbe:
 
 
 class SessionServer(GrpcServer):
-    def __init__(self, *, probe: DatabaseProbe, **kwargs: Any) -> None:
+    def __init__(self, *, probe: DatabaseProbe, store: CachedStore, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.probe = probe
+        self.store = store
         self._probe_task: asyncio.Task[None] | None = None
 
     async def start(self, serving: bool = True) -> None:
@@ -100,9 +103,22 @@ class SessionServer(GrpcServer):
         await super().stop(grace)
 
 
+def window_cache(config: SessionConfig) -> WindowCache:
+    """Redis when configured, else in process. Health never depends on it."""
+    if config.redis_url:
+        return RedisWindowCache(
+            config.redis_url,
+            prefix=config.redis_prefix,
+            ttl_s=config.cache_ttl_s,
+            timeout_s=config.redis_timeout_s,
+        )
+    return MemoryWindowCache(config.cache_max_sessions, ttl_s=config.cache_ttl_s)
+
+
 async def create_server(config: SessionConfig) -> SessionServer:
     url = db.resolve_url(config.database_url, config.state_dir)
-    store = SqlStore.from_url(url, pool_size=config.pool_size, timeout_s=config.db_timeout_s)
+    sql_store = SqlStore.from_url(url, pool_size=config.pool_size, timeout_s=config.db_timeout_s)
+    store = CachedStore(sql_store, window_cache(config), retry_s=config.cache_retry_s)
     probe = DatabaseProbe(
         store,
         url,
@@ -124,6 +140,7 @@ async def create_server(config: SessionConfig) -> SessionServer:
         register=lambda server: session_pb2_grpc.add_SessionStoreServicer_to_server(servicer, server),
         on_stop=store.close,
         probe=probe,
+        store=store,
     )
 
 

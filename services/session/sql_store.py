@@ -330,9 +330,12 @@ class SqlStore:
                     sa.delete(messages).where(messages.c.session_pk.in_(owned.scalar_subquery()))
                 )
             ).rowcount
-            erased_sessions = (
+            erased = (
                 await conn.execute(
-                    sa.delete(sessions).where(sessions.c.tenant == tenant, sessions.c.user_id == user_id)
+                    sa.delete(sessions)
+                    .where(sessions.c.tenant == tenant, sessions.c.user_id == user_id)
+                    .returning(sessions.c.id)
                 )
-            ).rowcount
-        return EraseResult(erased_sessions, erased_messages)
+            ).scalars()
+            session_ids = tuple(erased)
+        return EraseResult(len(session_ids), erased_messages, session_ids)

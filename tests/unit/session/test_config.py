@@ -43,3 +43,11 @@ def test_bad_values_are_named(overrides, expected):
     with pytest.raises(ConfigError) as info:
         load_config(SessionConfig, "session", env={}, overrides=overrides)
     assert expected in str(info.value)
+
+
+def test_redis_url_scheme_is_checked_without_echoing_the_url():
+    with pytest.raises(ConfigError, match="redis_url scheme 'http'") as info:
+        load_config(SessionConfig, "session", env={}, overrides={"redis_url": "http://u:secret@cache:6379"})
+    assert "secret" not in str(info.value)
+    config = load_config(SessionConfig, "session", env={}, overrides={"redis_url": "redis://cache:6379/1"})
+    assert config.redis_url == "redis://cache:6379/1"
