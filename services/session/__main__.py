@@ -1,4 +1,5 @@
-"""`python -m services.session [--config FILE]` serves; `... migrate [--downgrade REV]` migrates."""
+"""`python -m services.session [--config FILE]` serves; `... migrate [--downgrade REV]` migrates;
+`... rotate-keys` re-seals stored messages with the active key."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from services.common.config import ConfigError, load_config
 from services.common.logs import configure_logging
 from services.session import db, migrate
 from services.session.config import SessionConfig
+from services.session.crypto import load_key_ring
 from services.session.server import serve
+from services.session.sql_store import SqlStore
 
 logger = logging.getLogger("services.session")
 
@@ -24,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     migrate_cmd = commands.add_parser("migrate", help="migrate the database schema and exit")
     migrate_cmd.add_argument("--to", default="head", help="revision to upgrade to (default: head)")
     migrate_cmd.add_argument("--downgrade", metavar="REV", help="downgrade to REV instead (e.g. base)")
+    commands.add_parser(
+        "rotate-keys", help="re-encrypt messages sealed with older keys (or none) with the active key"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -40,8 +46,22 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(migrate.upgrade(url, args.to, timeout_s=config.db_timeout_s))
         logger.info("migrated", extra={"revision": args.downgrade or args.to})
         return 0
+    if args.command == "rotate-keys":
+        rewritten = asyncio.run(rotate_keys(config))
+        logger.info("keys rotated", extra={"rewritten": rewritten})
+        return 0
     asyncio.run(serve(config))
     return 0
+
+
+async def rotate_keys(config: SessionConfig) -> int:
+    url = db.resolve_url(config.database_url, config.state_dir)
+    keys = load_key_ring(config.encryption_keys, config.state_dir)
+    store = SqlStore.from_url(url, pool_size=1, timeout_s=config.db_timeout_s, keys=keys)
+    try:
+        return await store.rotate_keys()
+    finally:
+        await store.close()
 
 
 if __name__ == "__main__":

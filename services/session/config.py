@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import ConfigError, setting
+from services.session.crypto import KeyRing, KeyRingError
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class SessionConfig:
         5.0, "Bound on connecting, waiting for a pooled connection and each statement.", min=0.05, max=300
     )
     health_interval_s: float = setting(5.0, "How often the database is probed for health.", min=0.1, max=300)
+    encryption_keys: str = setting(
+        "",
+        "Key ring for message content: comma-separated id:base64 entries of 32-byte AES keys, the "
+        "first one sealing new data. Rotate by putting a new key first, then run rotate-keys. "
+        "Empty: the key file under state_dir (created with a new key if missing).",
+    )
     redis_url: str = setting(
         "",
         "Redis for the window cache (redis://host:port/db); empty keeps the cache in process "
@@ -56,6 +63,11 @@ class SessionConfig:
                 f"session.default_page_size={self.default_page_size}: must be <= max_page_size "
                 f"({self.max_page_size})"
             )
+        if self.encryption_keys:
+            try:
+                KeyRing.parse(self.encryption_keys)
+            except KeyRingError as exc:
+                raise ConfigError(f"session.encryption_keys: {exc}") from None
         redis_scheme = self.redis_url.split("://", 1)[0]
         if self.redis_url and redis_scheme not in ("redis", "rediss", "unix"):
             # The scheme only: the URL may hold a password.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from services.session.cache import CacheUnavailable
+from services.session.crypto import DecryptError, KeyRing
 from services.session.model import Message, Role, Window
 
 VERSION_FIELD = "v"
@@ -46,8 +47,6 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-Codec = Callable[[bytes], bytes]
-
 
 def encode_window(window: Window) -> bytes:
     return json.dumps(
@@ -72,14 +71,10 @@ def decode_window(payload: bytes) -> Window:
     return Window(messages, doc["l"], doc["t"])
 
 
-def _identity(data: bytes) -> bytes:
-    return data
-
-
 class RedisWindowCache:
     """Implements `services.session.cache.WindowCache`; every call is bounded by `timeout_s`.
 
-    `seal`/`open_` transform the stored payload (encryption at rest plugs in there).
+    With a key ring, payloads are sealed like the database rows, bound to their key and field.
     """
 
     def __init__(
@@ -89,8 +84,7 @@ class RedisWindowCache:
         prefix: str = "infermesh:session",
         ttl_s: float = 300.0,
         timeout_s: float = 0.25,
-        seal: Codec = _identity,
-        open_: Codec = _identity,
+        keys: KeyRing | None = None,
     ) -> None:
         # No client-side retries: a failure falls back to the database at once.
         self.client: aioredis.Redis = aioredis.Redis.from_url(
@@ -102,8 +96,7 @@ class RedisWindowCache:
         self.prefix = prefix
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._timeout_s = timeout_s
-        self._seal = seal
-        self._open = open_
+        self._keys = keys
         self._fill = self.client.register_script(_FILL)
         self._invalidate = self.client.register_script(_INVALIDATE)
 
@@ -120,17 +113,26 @@ class RedisWindowCache:
             raise CacheUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def get(self, tenant: str, session_id: str, token_budget: int) -> Window | None:
+        key, field = self.key(tenant, session_id), f"b:{token_budget}"
         async with self._call():
-            payload = await self.client.hget(self.key(tenant, session_id), f"b:{token_budget}")  # type: ignore[misc]
-        return None if payload is None else decode_window(self._open(payload))
+            payload = await self.client.hget(key, field)  # type: ignore[misc]
+        if payload is None:
+            return None
+        if self._keys is not None:
+            try:
+                payload = self._keys.open_blob(payload, f"{key}|{field}".encode())
+            except DecryptError as exc:
+                # E.g. sealed with a key since dropped from the ring: a miss, the database has it.
+                raise CacheUnavailable(str(exc)) from exc
+        return decode_window(payload)
 
     async def fill(self, tenant: str, session_id: str, token_budget: int, window: Window) -> None:
-        payload = self._seal(encode_window(window))
+        key, field = self.key(tenant, session_id), f"b:{token_budget}"
+        payload = encode_window(window)
+        if self._keys is not None:
+            payload = self._keys.seal_blob(payload, f"{key}|{field}".encode())
         async with self._call():
-            await self._fill(
-                keys=[self.key(tenant, session_id)],
-                args=[window.last_seq, f"b:{token_budget}", payload, self._ttl_ms],
-            )
+            await self._fill(keys=[key], args=[window.last_seq, field, payload, self._ttl_ms])
 
     async def invalidate(self, tenant: str, session_id: str, version: int) -> None:
         async with self._call():

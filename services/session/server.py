@@ -13,6 +13,7 @@ from services.common.server import GrpcServer, serve_forever
 from services.session import db, migrate
 from services.session.cache import CachedStore, MemoryWindowCache, WindowCache
 from services.session.config import SessionConfig
+from services.session.crypto import KeyRing, load_key_ring
 from services.session.redis_cache import RedisWindowCache
 from services.session.servicer import SessionStoreServicer
 from services.session.sql_store import SqlStore
@@ -103,7 +104,7 @@ class SessionServer(GrpcServer):
         await super().stop(grace)
 
 
-def window_cache(config: SessionConfig) -> WindowCache:
+def window_cache(config: SessionConfig, keys: KeyRing) -> WindowCache:
     """Redis when configured, else in process. Health never depends on it."""
     if config.redis_url:
         return RedisWindowCache(
@@ -111,14 +112,16 @@ def window_cache(config: SessionConfig) -> WindowCache:
             prefix=config.redis_prefix,
             ttl_s=config.cache_ttl_s,
             timeout_s=config.redis_timeout_s,
+            keys=keys,
         )
     return MemoryWindowCache(config.cache_max_sessions, ttl_s=config.cache_ttl_s)
 
 
 async def create_server(config: SessionConfig) -> SessionServer:
     url = db.resolve_url(config.database_url, config.state_dir)
-    sql_store = SqlStore.from_url(url, pool_size=config.pool_size, timeout_s=config.db_timeout_s)
-    store = CachedStore(sql_store, window_cache(config), retry_s=config.cache_retry_s)
+    keys = load_key_ring(config.encryption_keys, config.state_dir)
+    sql_store = SqlStore.from_url(url, pool_size=config.pool_size, timeout_s=config.db_timeout_s, keys=keys)
+    store = CachedStore(sql_store, window_cache(config, keys), retry_s=config.cache_retry_s)
     probe = DatabaseProbe(
         store,
         url,

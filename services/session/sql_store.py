@@ -10,8 +10,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.common.errors import Aborted, AlreadyExists, NotFound
+from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 from services.session import db
+from services.session.crypto import DecryptError, KeyRing, message_aad
 from services.session.model import (
     AppendResult,
     EraseResult,
@@ -49,11 +50,11 @@ def _session_info(row: Any) -> SessionInfo:
     )
 
 
-def _message(row: Any) -> Message:
+def _message(row: Any, content: str) -> Message:
     return Message(
         seq=row.seq,
         role=Role(row.role),
-        content=row.content,
+        content=content,
         client_msg_id=row.client_msg_id or "",
         token_count=row.token_count,
         created_at=row.created_at,
@@ -78,19 +79,47 @@ _MESSAGE_COLUMNS = (
     messages.c.client_msg_id,
     messages.c.token_count,
     messages.c.created_at,
+    messages.c.key_id,
+    messages.c.content_enc,
 )
 
 
 class SqlStore:
-    """Implements `services.session.store.Store`."""
+    """Implements `services.session.store.Store`.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    With a key ring, content is sealed before it reaches the database; without
+    one (tests of the storage logic only) it is stored as given.
+    """
+
+    def __init__(self, engine: AsyncEngine, keys: KeyRing | None = None) -> None:
         self.engine = engine
+        self.keys = keys
         self._sqlite = db.is_sqlite(engine)
 
     @classmethod
-    def from_url(cls, database_url: str, *, pool_size: int = 5, timeout_s: float = 5.0) -> SqlStore:
-        return cls(db.create_engine(database_url, pool_size=pool_size, timeout_s=timeout_s))
+    def from_url(
+        cls, database_url: str, *, pool_size: int = 5, timeout_s: float = 5.0, keys: KeyRing | None = None
+    ) -> SqlStore:
+        return cls(db.create_engine(database_url, pool_size=pool_size, timeout_s=timeout_s), keys)
+
+    def _sealed(self, session: Any, seq: int, content: str) -> dict[str, Any]:
+        """Column values holding `content` as message `seq` of `session` (a sessions row)."""
+        if self.keys is None:
+            return {"content": content, "key_id": None, "content_enc": None}
+        key_id, sealed = self.keys.seal(content.encode(), message_aad(session.tenant, session.id, seq))
+        return {"content": None, "key_id": key_id, "content_enc": sealed}
+
+    def _message(self, row: Any, session: Any) -> Message:
+        if row.key_id is None:
+            # Written before encryption was on; rotate-keys seals it.
+            return _message(row, row.content)
+        try:
+            if self.keys is None:
+                raise DecryptError("no key ring configured")
+            aad = message_aad(session.tenant, session.id, row.seq)
+            return _message(row, self.keys.open(row.key_id, row.content_enc, aad).decode())
+        except DecryptError as exc:
+            raise FailedPrecondition(f"stored message {row.seq} cannot be decrypted: {exc}") from exc
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -171,7 +200,7 @@ class SqlStore:
     ) -> AppendResult:
         async with self._tx(write=True) as conn:
             session = await self._session_row(conn, tenant, session_id, lock=True)
-            stored = await self._by_client_id(conn, session.pk, messages_in)
+            stored = await self._by_client_id(conn, session, messages_in)
             if all(m.client_msg_id in stored for m in messages_in):
                 # A retry of an append that already committed: the originals, no new rows.
                 return AppendResult([stored[m.client_msg_id] for m in messages_in], session.last_seq)
@@ -195,7 +224,7 @@ class SqlStore:
                         "seq": seq,
                         "client_msg_id": m.client_msg_id or None,
                         "role": int(m.role),
-                        "content": m.content,
+                        **self._sealed(session, seq, m.content),
                         "token_count": m.token_count,
                         "created_at": now,
                     }
@@ -207,9 +236,8 @@ class SqlStore:
         out = [written[i] if i in written else stored[m.client_msg_id] for i, m in enumerate(messages_in)]
         return AppendResult(out, seq)
 
-    @staticmethod
     async def _by_client_id(
-        conn: AsyncConnection, session_pk: int, messages_in: Sequence[NewMessage]
+        self, conn: AsyncConnection, session: Any, messages_in: Sequence[NewMessage]
     ) -> dict[str, Message]:
         """Stored messages that share a client_msg_id with `messages_in`."""
         keys = [m.client_msg_id for m in messages_in if m.client_msg_id]
@@ -217,10 +245,10 @@ class SqlStore:
             return {}
         rows = await conn.execute(
             sa.select(*_MESSAGE_COLUMNS).where(
-                messages.c.session_pk == session_pk, messages.c.client_msg_id.in_(keys)
+                messages.c.session_pk == session.pk, messages.c.client_msg_id.in_(keys)
             )
         )
-        stored = {row.client_msg_id: _message(row) for row in rows}
+        stored = {row.client_msg_id: self._message(row, session) for row in rows}
         for i, m in enumerate(messages_in):
             original = stored.get(m.client_msg_id)
             if original is not None and (original.role != m.role or original.content != m.content):
@@ -239,42 +267,42 @@ class SqlStore:
                 .order_by(messages.c.seq)
                 .limit(limit + 1)
             )
-            found = [_message(row) for row in rows]
+            found = [self._message(row, session) for row in rows]
         return HistoryPage(found[:limit], has_more=len(found) > limit)
 
     async def window(self, tenant: str, session_id: str, token_budget: int) -> Window:
         async with self._tx() as conn:
             session = await self._session_row(conn, tenant, session_id)
             if token_budget <= 0:
-                candidates = await self._all_messages(conn, session.pk)
+                candidates = await self._all_messages(conn, session)
             else:
-                candidates = await self._window_candidates(conn, session.pk, token_budget)
+                candidates = await self._window_candidates(conn, session, token_budget)
         chosen, truncated = select_window(candidates, token_budget)
         return Window(chosen, session.last_seq, truncated)
 
     async def _window_candidates(
-        self, conn: AsyncConnection, session_pk: int, token_budget: int
+        self, conn: AsyncConnection, session: Any, token_budget: int
     ) -> list[Message]:
         """Enough of the history for select_window to decide exactly as on all of it:
         the first system message plus newest messages up to the first that cannot fit."""
         system_row = (
             await conn.execute(
                 sa.select(*_MESSAGE_COLUMNS)
-                .where(messages.c.session_pk == session_pk, messages.c.role == int(Role.SYSTEM))
+                .where(messages.c.session_pk == session.pk, messages.c.role == int(Role.SYSTEM))
                 .order_by(messages.c.seq)
                 .limit(1)
             )
         ).first()
-        system = _message(system_row) if system_row is not None else None
+        system = self._message(system_row, session) if system_row is not None else None
         remaining = token_budget - (system.token_count if system is not None else 0)
         found: list[Message] = []
         before: int | None = None
         while True:
-            query = sa.select(*_MESSAGE_COLUMNS).where(messages.c.session_pk == session_pk)
+            query = sa.select(*_MESSAGE_COLUMNS).where(messages.c.session_pk == session.pk)
             if before is not None:
                 query = query.where(messages.c.seq < before)
             batch = [
-                _message(row)
+                self._message(row, session)
                 for row in await conn.execute(query.order_by(messages.c.seq.desc()).limit(WINDOW_BATCH))
             ]
             for m in batch:
@@ -293,12 +321,11 @@ class SqlStore:
         found.sort(key=lambda m: m.seq)
         return found
 
-    @staticmethod
-    async def _all_messages(conn: AsyncConnection, session_pk: int) -> list[Message]:
+    async def _all_messages(self, conn: AsyncConnection, session: Any) -> list[Message]:
         rows = await conn.execute(
-            sa.select(*_MESSAGE_COLUMNS).where(messages.c.session_pk == session_pk).order_by(messages.c.seq)
+            sa.select(*_MESSAGE_COLUMNS).where(messages.c.session_pk == session.pk).order_by(messages.c.seq)
         )
-        return [_message(row) for row in rows]
+        return [self._message(row, session) for row in rows]
 
     async def delete_session(self, tenant: str, session_id: str) -> None:
         async with self._tx(write=True) as conn:
@@ -314,11 +341,11 @@ class SqlStore:
                 .where(sessions.c.tenant == tenant, sessions.c.user_id == user_id)
                 .order_by(sessions.c.created_at, sessions.c.pk)
             )
-            owned = [(row.pk, _session_info(row)) for row in rows]
-        for pk, info in owned:
+            owned = list(rows)
+        for row in owned:
             async with self._tx() as conn:
-                found = await self._all_messages(conn, pk)
-            yield SessionExport(info, found)
+                found = await self._all_messages(conn, row)
+            yield SessionExport(_session_info(row), found)
 
     async def erase_user(self, tenant: str, user_id: str) -> EraseResult:
         owned = sa.select(sessions.c.pk).where(sessions.c.tenant == tenant, sessions.c.user_id == user_id)
@@ -339,3 +366,32 @@ class SqlStore:
             ).scalars()
             session_ids = tuple(erased)
         return EraseResult(len(session_ids), erased_messages, session_ids)
+
+    async def rotate_keys(self, batch_size: int = 500) -> int:
+        """Re-seal every message not under the active key (older keys, pre-encryption plaintext)
+        with it, one short transaction per batch; returns how many rows were rewritten."""
+        if self.keys is None:
+            raise FailedPrecondition("no key ring configured")
+        rewritten = 0
+        stale = sa.or_(messages.c.key_id.is_(None), messages.c.key_id != self.keys.active)
+        query = (
+            sa.select(messages.c.session_pk, *_MESSAGE_COLUMNS, sessions.c.tenant, sessions.c.id)
+            .join(sessions, sessions.c.pk == messages.c.session_pk)
+            .where(stale)
+            .limit(batch_size)
+            .with_for_update(of=messages)
+        )
+        while True:
+            async with self._tx(write=True) as conn:
+                rows = (await conn.execute(query)).all()
+                for row in rows:
+                    # The joined row carries tenant and id, as a sessions row does.
+                    content = self._message(row, row).content
+                    await conn.execute(
+                        sa.update(messages)
+                        .where(messages.c.session_pk == row.session_pk, messages.c.seq == row.seq)
+                        .values(**self._sealed(row, row.seq, content))
+                    )
+            if not rows:
+                return rewritten
+            rewritten += len(rows)

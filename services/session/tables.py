@@ -69,9 +69,13 @@ messages = sa.Table(
     sa.Column("seq", sa.BigInteger(), nullable=False),
     sa.Column("client_msg_id", sa.String(128), nullable=True),
     sa.Column("role", sa.SmallInteger(), nullable=False),
-    sa.Column("content", sa.Text(), nullable=False),
+    # Plaintext only in rows written before encryption (key_id NULL); rotate-keys seals them.
+    sa.Column("content", sa.Text(), nullable=True),
     sa.Column("token_count", sa.Integer(), nullable=False),
     sa.Column("created_at", UtcDateTime(), nullable=False),
+    # Which key of the ring sealed content_enc (nonce || AES-GCM ciphertext and tag).
+    sa.Column("key_id", sa.String(64), nullable=True),
+    sa.Column("content_enc", sa.LargeBinary(), nullable=True),
     sa.PrimaryKeyConstraint("session_pk", "seq", name="pk_messages"),
     sa.UniqueConstraint("session_pk", "client_msg_id", name="uq_messages_session_pk_client_msg_id"),
 )

@@ -26,11 +26,6 @@ pytestmark = pytest.mark.postgres
 BUDGET = 1000
 
 
-@pytest.fixture
-def pg_url(migrated_postgres_url: str, clean_postgres_url: str) -> str:
-    return clean_postgres_url
-
-
 @contextlib.asynccontextmanager
 async def serving(
     database_url: str, redis_url: str, **overrides: Any

@@ -20,6 +20,8 @@ from services.session.tables import metadata
 
 ROOT = Path(__file__).resolve().parents[3]
 ALEMBIC_INI = ROOT / "services" / "session" / "alembic.ini"
+# The newest revision: every upgrade in these tests should reach it.
+HEAD = "0002"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -47,7 +49,7 @@ async def test_upgrade_builds_the_schema_of_the_models(empty_url):
     assert await inspect(empty_url, table_names) == set()
 
     await migrate.upgrade(empty_url)
-    assert await migrate.current(empty_url) == "0001"
+    assert await migrate.current(empty_url) == HEAD
     assert await inspect(empty_url, table_names) == {"sessions", "messages", migrate.VERSION_TABLE}
 
     def schema_diff(conn: sa.Connection) -> list[Any]:
@@ -75,7 +77,7 @@ async def test_upgrade_builds_the_schema_of_the_models(empty_url):
     )
     # Running it again (every start with auto_migrate) changes nothing.
     await migrate.upgrade(empty_url)
-    assert await migrate.current(empty_url) == "0001"
+    assert await migrate.current(empty_url) == HEAD
 
 
 async def test_alembic_downgrade_base_and_back(empty_url):
@@ -107,4 +109,42 @@ async def test_migrate_command_creates_the_embedded_database(tmp_path):
     assert proc.returncode == 0, output.decode()
     db_file = tmp_path / "state" / "session.db"
     assert db_file.exists()
-    assert await migrate.current(f"sqlite+aiosqlite:///{db_file}") == "0001"
+    assert await migrate.current(f"sqlite+aiosqlite:///{db_file}") == HEAD
+
+
+async def test_rows_from_before_encryption_survive_the_upgrade_and_are_sealed_by_rotation(empty_url):
+    from services.session.crypto import KeyRing
+    from services.session.model import NewMessage, Role
+    from services.session.sql_store import SqlStore
+
+    await migrate.upgrade(empty_url, "0001")
+    engine = create_engine(empty_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO sessions (pk, id, tenant, user_id, model, created_at, updated_at, "
+                    "metadata, last_seq, retention_days) VALUES (1, 's', 'acme', 'u', 'm', "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, '{}', 1, 0)"
+                )
+            )
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO messages (session_pk, seq, role, content, token_count, created_at) "
+                    "VALUES (1, 1, 2, 'written in plaintext', 5, CURRENT_TIMESTAMP)"
+                )
+            )
+    finally:
+        await engine.dispose()
+    await migrate.upgrade(empty_url)
+    store = SqlStore.from_url(empty_url, keys=KeyRing.parse(KeyRing.new_entry("k1")))
+    try:
+        await store.append("acme", "s", [NewMessage(int(Role.ASSISTANT), "sealed from the start")])
+        assert await store.rotate_keys() == 1
+        page = await store.history("acme", "s", 0, 10)
+        assert [m.content for m in page.messages] == ["written in plaintext", "sealed from the start"]
+        async with store.engine.connect() as conn:
+            rows = (await conn.execute(sa.text("SELECT content, key_id FROM messages"))).all()
+        assert rows == [(None, "k1"), (None, "k1")]
+    finally:
+        await store.close()

@@ -72,7 +72,7 @@ async def test_append_is_all_or_nothing(store):
 async def test_two_replicas_appending_at_once(store, database_url):
     """Two stores on one database, as two session replicas: seqs stay unique and gap-free."""
     sid = await new_session(store)
-    other = SqlStore.from_url(database_url, pool_size=3, timeout_s=5.0)
+    other = SqlStore.from_url(database_url, pool_size=3, timeout_s=5.0, keys=store.keys)
     try:
         replicas = [store, other]
 

@@ -51,3 +51,9 @@ def test_redis_url_scheme_is_checked_without_echoing_the_url():
     assert "secret" not in str(info.value)
     config = load_config(SessionConfig, "session", env={}, overrides={"redis_url": "redis://cache:6379/1"})
     assert config.redis_url == "redis://cache:6379/1"
+
+
+def test_encryption_keys_are_checked_without_echoing_them():
+    with pytest.raises(ConfigError, match=r"session\.encryption_keys: key 'k1': must be 32 bytes") as info:
+        load_config(SessionConfig, "session", env={}, overrides={"encryption_keys": "k1:c2VjcmV0"})
+    assert "c2VjcmV0" not in str(info.value)
