@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -241,6 +242,14 @@ class CachedStore:
         for session_id in result.session_ids:
             await self._invalidate(tenant, session_id, TOMBSTONE)
         return result
+
+    async def purge_expired(
+        self, now: dt.datetime | None = None, batch_size: int = 500
+    ) -> list[tuple[str, str]]:
+        purged = await self.store.purge_expired(now, batch_size)
+        for tenant, session_id in purged:
+            await self._invalidate(tenant, session_id, TOMBSTONE)
+        return purged
 
     async def ping(self) -> None:
         await self.store.ping()

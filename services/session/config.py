@@ -40,6 +40,9 @@ class SessionConfig:
         "first one sealing new data. Rotate by putting a new key first, then run rotate-keys. "
         "Empty: the key file under state_dir (created with a new key if missing).",
     )
+    retention_interval_s: float = setting(
+        3600.0, "How often sessions past their retention_days are purged; 0 turns purging off.", min=0
+    )
     redis_url: str = setting(
         "",
         "Redis for the window cache (redis://host:port/db); empty keeps the cache in process "

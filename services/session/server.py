@@ -10,7 +10,7 @@ from typing import Any
 
 from infermesh.session.v1 import session_pb2, session_pb2_grpc
 from services.common.server import GrpcServer, serve_forever
-from services.session import db, migrate
+from services.session import db, migrate, retention
 from services.session.cache import CachedStore, MemoryWindowCache, WindowCache
 from services.session.config import SessionConfig
 from services.session.crypto import KeyRing, load_key_ring
@@ -78,11 +78,14 @@ class DatabaseProbe:
 
 
 class SessionServer(GrpcServer):
-    def __init__(self, *, probe: DatabaseProbe, store: CachedStore, **kwargs: Any) -> None:
+    def __init__(
+        self, *, probe: DatabaseProbe, store: CachedStore, retention_interval_s: float = 0.0, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.probe = probe
         self.store = store
-        self._probe_task: asyncio.Task[None] | None = None
+        self._retention_interval_s = retention_interval_s
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, serving: bool = True) -> None:
         """Start; SERVING comes from the database probe, not from `serving`.
@@ -94,13 +97,17 @@ class SessionServer(GrpcServer):
         # The health servicer starts out SERVING for "" until told otherwise.
         await self.set_serving(False)
         await self.probe.update(self.set_serving)
-        self._probe_task = asyncio.create_task(self.probe.run(self.set_serving))
+        self._tasks.append(asyncio.create_task(self.probe.run(self.set_serving)))
+        if self._retention_interval_s > 0:
+            purge = retention.purge_forever(self.store, self._retention_interval_s, lambda: self.probe.ready)
+            self._tasks.append(asyncio.create_task(purge))
 
     async def stop(self, grace: float = 10.0) -> None:
-        if self._probe_task is not None:
-            self._probe_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._probe_task
+                await task
+        self._tasks.clear()
         await super().stop(grace)
 
 
@@ -144,6 +151,7 @@ async def create_server(config: SessionConfig) -> SessionServer:
         on_stop=store.close,
         probe=probe,
         store=store,
+        retention_interval_s=config.retention_interval_s,
     )
 
 

@@ -395,3 +395,41 @@ class SqlStore:
             if not rows:
                 return rewritten
             rewritten += len(rows)
+
+    def _expired(self, now: dt.datetime) -> sa.ColumnElement[bool]:
+        """Sessions whose retention has run out at `now` (retention_days 0 keeps a session)."""
+        if self._sqlite:
+            # SQLite keeps datetimes as text; julianday() counts days, as retention does.
+            lapsed = sa.func.julianday(sessions.c.updated_at) + sessions.c.retention_days < sa.func.julianday(
+                now.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+            )
+        else:
+            lapsed = sessions.c.updated_at + sa.func.make_interval(0, 0, 0, sessions.c.retention_days) < now
+        return sa.and_(sessions.c.retention_days > 0, lapsed)
+
+    async def purge_expired(
+        self, now: dt.datetime | None = None, batch_size: int = 500
+    ) -> list[tuple[str, str]]:
+        """Delete the sessions past their retention with their messages, one batch per
+        transaction; returns the (tenant, session id) of each."""
+        expired = self._expired(now or _now())
+        purged: list[tuple[str, str]] = []
+        while True:
+            async with self._tx(write=True) as conn:
+                # The condition is checked under the lock: an append that just renewed
+                # updated_at keeps its session.
+                rows = (
+                    await conn.execute(
+                        sa.select(sessions.c.pk, sessions.c.tenant, sessions.c.id)
+                        .where(expired)
+                        .limit(batch_size)
+                        .with_for_update(skip_locked=True)
+                    )
+                ).all()
+                pks = [row.pk for row in rows]
+                if pks:
+                    await conn.execute(sa.delete(messages).where(messages.c.session_pk.in_(pks)))
+                    await conn.execute(sa.delete(sessions).where(sessions.c.pk.in_(pks)))
+            purged.extend((row.tenant, row.id) for row in rows)
+            if len(rows) < batch_size:
+                return purged

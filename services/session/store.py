@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -56,5 +57,11 @@ class Store(Protocol):
     def export_user(self, tenant: str, user_id: str) -> AsyncIterator[SessionExport]: ...
 
     async def erase_user(self, tenant: str, user_id: str) -> EraseResult: ...
+
+    async def purge_expired(
+        self, now: dt.datetime | None = None, batch_size: int = 500
+    ) -> list[tuple[str, str]]:
+        """Delete sessions past their retention; returns their (tenant, session id)."""
+        ...
 
     async def close(self) -> None: ...
