@@ -77,6 +77,20 @@ class RouterConfig:
     eject_after_errors: int = setting(
         3, "Consecutive failed requests that take an endpoint out of placement.", min=1
     )
+    max_streams_per_worker: int = setting(
+        64,
+        "Streams this router runs on one worker at a time; more wait in the admission queue, "
+        "where priorities, deadlines and tenant fair share order them.",
+        min=1,
+    )
+    queue_policy: str = setting(
+        "priority",
+        "Admission queue order: priority (classes, deadlines, fair share) or fcfs.",
+        choices=["priority", "fcfs"],
+    )
+    queue_aging_s: float = setting(
+        30.0, "Seconds of waiting that lift a queued request one priority class (up to INTERACTIVE).", min=0.1
+    )
     eject_s: float = setting(
         5.0, "How long an ejected endpoint gets no requests before one probes it again.", min=0.01
     )

@@ -17,6 +17,7 @@ from infermesh.router.v1 import router_pb2
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.logs import request_id_var
 from services.router import convert
+from services.router.admission import Admission, Capacity
 from services.router.config import RouterConfig
 from services.router.domain import (
     Degradation,
@@ -28,6 +29,7 @@ from services.router.domain import (
 from services.router.endpoints import EndpointMonitor
 from services.router.history import merge_history, turns_to_append
 from services.router.placement import Ask, HardwareNeeds
+from services.router.queues import QueueConfig, QueuedRequest, create_request_queue, effective_priority
 from services.router.sessions import SessionClient, SessionUnavailable
 from services.router.tenancy import tenant_of
 from services.router.validation import GenerateLimits, time_budget, validate_generate
@@ -75,6 +77,15 @@ class Generation:
             max_stop_sequences=config.max_stop_sequences,
             max_request_id_chars=config.max_request_id_chars,
         )
+        queue = create_request_queue(config.queue_policy, QueueConfig(aging_s=config.queue_aging_s))
+        self.admission = Admission(queue, self._capacity, endpoints.clock)
+
+    def _capacity(self) -> Capacity:
+        registry = self.endpoints.registry
+        workers, tokens_per_s = registry.throughput(
+            EndpointKind.WORKER, self.endpoints.clock(), self.config.prior_decode_tokens_per_s
+        )
+        return Capacity(workers * self.config.max_streams_per_worker, tokens_per_s)
 
     async def stream(
         self, req: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -98,8 +109,19 @@ class Generation:
             session_id=params.session_id,
             needs=HardwareNeeds(context_tokens=resolved.max_tokens),
         )
-        async for out in self._relay(worker_req, resolved.model.id, turn, ask):
-            yield out
+        remaining = deadline.remaining()
+        now = self.admission.clock()
+        queued = QueuedRequest(
+            request_id,
+            turn.tenant,
+            effective_priority(params.priority),
+            ask.prompt_tokens + ask.max_tokens,
+            enqueued_at=now,
+            deadline=None if remaining is None else now + remaining,
+        )
+        async with self.admission.slot(queued, remaining):
+            async for out in self._relay(worker_req, resolved.model.id, turn, ask):
+                yield out
 
     async def _load_history(self, turn: _Turn) -> None:
         """Fetch the session window; NOT_FOUND fails the request, an unreachable store degrades it."""

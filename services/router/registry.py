@@ -142,6 +142,11 @@ class Registry:
                 out.append(_candidate(state, state.load, model))
         return out
 
+    def throughput(self, kind: EndpointKind, now: float, prior_tokens_per_s: float) -> tuple[int, float]:
+        """Usable endpoints of `kind` and their summed decode speed (the prior where unmeasured)."""
+        usable = [s for s in self._endpoints.values() if s.kind is kind and self._assess(s, now)[0]]
+        return len(usable), sum(s.decode_tokens_per_s or prior_tokens_per_s for s in usable)
+
     def describe(self, kind: EndpointKind, now: float) -> str:
         """One line per endpoint of `kind` saying why it is (not) usable, for error messages."""
         parts = [

@@ -1,5 +1,5 @@
-"""Placement through a real router: work follows measured speed, sessions stick, failing
-workers are ejected."""
+"""Placement and admission through a real router: work follows measured speed, sessions
+stick, failing workers are ejected, a full worker's requests queue by priority."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import asyncio
 from collections import Counter
 
 import grpc
+import pytest
 
+from infermesh.common.v1.common_pb2 import PRIORITY_BATCH, PRIORITY_INTERACTIVE
 from services.common.server import GrpcServer
 from tests.integration.router.conftest import Mesh
-from tests.integration.router.fakes import FakeWorker, start_fake
-from tests.integration.router.helpers import chat_request, collect, router_for, wait_healthy
+from tests.integration.router.fakes import FakeWorker, reply_for, start_fake
+from tests.integration.router.helpers import chat_request, collect, router_for, wait_healthy, wait_until
 from tests.integration.router.test_sessions import new_session
 
 TEN_WORDS = " ".join(f"w{i}" for i in range(10))
@@ -70,5 +72,40 @@ async def test_repeatedly_failing_worker_is_ejected() -> None:
                 responses = await collect(stub, chat_request("x"), timeout=5)
                 assert responses[0].worker == servers[1].address
             assert len(bad.requests) == 2  # tried twice, then out of placement
+    finally:
+        await stop_all(servers)
+
+
+async def test_full_worker_queues_by_priority_and_refuses_deadlines_it_cannot_meet() -> None:
+    worker = FakeWorker("only")
+    worker.hold_after = 1  # the first stream keeps the only slot until released
+    servers = await start_workers(worker)
+    try:
+        async with router_for([servers[0].address], max_streams_per_worker=1) as stub:
+            await wait_healthy(stub, {servers[0].address})
+            first = asyncio.create_task(collect(stub, chat_request("first one"), timeout=10))
+            await wait_until(lambda: len(worker.requests) == 1, what="first stream started")
+            batch = asyncio.create_task(
+                collect(stub, chat_request("batch", priority=PRIORITY_BATCH), timeout=10)
+            )
+            await asyncio.sleep(0.3)  # let it reach the queue before the interactive one
+            interactive = asyncio.create_task(
+                collect(stub, chat_request("interactive", priority=PRIORITY_INTERACTIVE), timeout=10)
+            )
+            await asyncio.sleep(0.3)
+            assert len(worker.requests) == 1  # both wait in the router, not on the worker
+
+            # 200 tokens at the fake's 42 tokens/s cannot finish within 0.5 s: refused at once.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await collect(stub, chat_request("hurry", max_tokens=200), timeout=0.5)
+            assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "deadline cannot be met" in (err.value.details() or "")
+            pushback = dict(err.value.trailing_metadata() or ())
+            assert int(pushback["grpc-retry-pushback-ms"]) > 0
+
+            worker.hold_after = None
+            worker.release.set()
+            await asyncio.gather(first, batch, interactive)
+            assert [reply_for(r, "") for r in worker.requests] == ["first one", "interactive", "batch"]
     finally:
         await stop_all(servers)

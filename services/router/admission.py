@@ -1,0 +1,109 @@
+"""Admission: the asyncio owner of the request queue.
+
+A request takes a slot before it is dispatched and holds it until its stream ends. While
+the workers have free slots nothing waits; once they are full, requests wait in the queue
+and are let through in its order as slots free up, or refused by it with a pushback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+
+from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.router.queues import QueuedRequest, RequestQueue
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    slots: int  # streams the usable workers may run for this router
+    tokens_per_s: float  # their measured decode throughput, to turn queued tokens into seconds
+
+
+class Admission:
+    def __init__(
+        self,
+        queue: RequestQueue,
+        capacity: Callable[[], Capacity],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.queue = queue
+        self.capacity = capacity
+        self.clock = clock
+        self.inflight = 0
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._keys = itertools.count()
+
+    @asynccontextmanager
+    async def slot(self, request: QueuedRequest, timeout_s: float | None) -> AsyncIterator[None]:
+        """Hold a slot for the body; wait for one in the queue when all are taken."""
+        capacity = self.capacity()
+        # No usable worker at all: let dispatch say so (UNAVAILABLE) instead of queueing.
+        if capacity.slots <= 0 or (self.inflight < capacity.slots and not self.queue):
+            self.inflight += 1
+        else:
+            await self._wait(request, capacity, timeout_s)
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            self._pump()
+
+    async def _wait(self, request: QueuedRequest, capacity: Capacity, timeout_s: float | None) -> None:
+        self.queue.service_tokens_per_s = capacity.tokens_per_s or self.queue.config.service_tokens_per_s
+        # Keyed apart from the request id: callers may reuse theirs.
+        key = f"{next(self._keys)}"
+        self.queue.push(replace(request, request_id=key), self.clock())
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[key] = waiter
+        max_wait_s = self.queue.config.limits[request.priority].max_wait_s
+        try:
+            await asyncio.wait(
+                {waiter}, timeout=max_wait_s if timeout_s is None else min(timeout_s, max_wait_s)
+            )
+        except asyncio.CancelledError:
+            self._give_up(key, waiter)
+            raise
+        finally:
+            self._waiters.pop(key, None)
+        if not waiter.done():
+            self._give_up(key, waiter)
+            if timeout_s is not None and timeout_s <= max_wait_s:
+                raise DeadlineExceeded(f"deadline: passed after {timeout_s:.2f}s in the admission queue")
+            raise self._too_long(request.priority.name, max_wait_s)
+        waiter.result()  # raises the queue's refusal for requests that waited too long
+
+    def _give_up(self, key: str, waiter: asyncio.Future[None]) -> None:
+        if self.queue.remove(key) or not waiter.done():
+            waiter.cancel()
+        elif not waiter.cancelled() and waiter.exception() is None:
+            # The slot was granted just as the caller left: hand it on.
+            self.inflight -= 1
+            self._pump()
+
+    def _pump(self) -> None:
+        now = self.clock()
+        for expired in self.queue.expire(now):
+            waiter = self._waiters.get(expired.request_id)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(self._too_long(expired.priority.name, now - expired.enqueued_at))
+        slots = self.capacity().slots
+        while self.inflight < slots and (picked := self.queue.pop(now)) is not None:
+            waiter = self._waiters.get(picked.request_id)
+            if waiter is None or waiter.done():
+                continue
+            self.inflight += 1
+            waiter.set_result(None)
+
+    def _too_long(self, queue_name: str, waited_s: float) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"waited {waited_s:.1f}s in the {queue_name} queue, its longest wait",
+            self.queue.config.min_retry_after_ms,
+        )
