@@ -267,6 +267,17 @@ class CachedStore:
         return self.store.export_user(tenant, user_id)
 
     async def close(self) -> None:
+        stats = self.stats
+        logger.info(
+            "window cache stats",
+            extra={
+                "hits": stats.hits,
+                "misses": stats.misses,
+                "errors": stats.errors,
+                "bypassed": stats.bypassed,
+                "hit_ratio": round(stats.hit_ratio, 4),
+            },
+        )
         try:
             await self.cache.close()
         finally:

@@ -57,7 +57,9 @@ class SessionConfig:
     )
     cache_ttl_s: float = setting(300.0, "How long a cached window lives.", min=0.1, max=86_400)
     cache_max_sessions: int = setting(
-        10_000, "Sessions whose windows the in-process cache keeps (least recently used dropped).", min=0
+        10_000,
+        "Sessions whose windows the in-process cache keeps (least recently used dropped); 0 turns it off.",
+        min=0,
     )
 
     def check(self) -> None:
