@@ -7,6 +7,7 @@ stays free while the encoder runs, and each caller gets exactly its own vectors.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -32,6 +33,8 @@ class BatcherLoad:
     running_tokens: int
     items_per_s: float
     batches: int
+    # Encode calls per batch size (inputs per call), since start.
+    batch_sizes: dict[int, int]
 
 
 class Batcher(Generic[V]):
@@ -61,6 +64,7 @@ class Batcher(Generic[V]):
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._batches = 0
+        self._sizes: collections.Counter[int] = collections.Counter()
 
     def start(self) -> None:
         if self._task is None:
@@ -94,6 +98,7 @@ class Batcher(Generic[V]):
             running_tokens=running.cost if running else 0,
             items_per_s=self._meter.rate(self._clock()),
             batches=self._batches,
+            batch_sizes=dict(self._sizes),
         )
 
     async def drain(self) -> None:
@@ -103,6 +108,14 @@ class Batcher(Generic[V]):
     async def close(self) -> None:
         """Stop taking work; callers still waiting get UNAVAILABLE."""
         self._closed = True
+        # Keys as strings: the JSON log line keeps its shape whatever the formatter does with ints.
+        logger.info(
+            "batcher closed",
+            extra={
+                "batches": self._batches,
+                "batch_sizes": {str(k): v for k, v in sorted(self._sizes.items())},
+            },
+        )
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -136,6 +149,7 @@ class Batcher(Generic[V]):
                     self._settle(job, exc)
             else:
                 self._batches += 1
+                self._sizes[len(batch)] += 1
                 self._meter.add(len(batch), self._clock())
                 for job in finished:
                     self._settle(job, None)

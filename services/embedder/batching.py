@@ -122,7 +122,10 @@ class BatchQueue(Generic[V]):
         wake_at = self.wake_at()
         if not full and wake_at is not None and now < wake_at:
             return None
-        return Batch(tuple(self._slots.popleft() for _ in range(take)))
+        taken = [self._slots.popleft() for _ in range(take)]
+        # Shortest first: the encoder cuts a batch into chunks, and a chunk of similar lengths
+        # pads little. Who is in the batch stays decided by arrival order.
+        return Batch(tuple(sorted(taken, key=lambda s: s.tokens)))
 
     def _fit(self) -> tuple[int, bool]:
         """How many leading inputs fit the budget, and whether the budget is full."""

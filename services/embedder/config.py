@@ -40,6 +40,21 @@ class EmbedderConfig:
     max_wait_ms: float = setting(
         2.0, "How long the oldest queued item may wait for others to join its batch.", min=0, max=1000
     )
+    encode_batch_size: int = setting(
+        64,
+        "Rows per model forward pass: a batch runs as chunks of this many inputs of similar length, "
+        "so short inputs are not padded to the longest of the whole batch.",
+        min=1,
+        max=4096,
+    )
+    torch_threads: int = setting(0, "Threads torch computes with; 0 keeps torch's default.", min=0, max=1024)
+    cache_entries: int = setting(
+        4096, "Results kept in an in-process LRU for repeated texts; 0 turns it off.", min=0
+    )
+    cache_redis_url: str = setting(
+        "", "redis://host:port/db to share the result cache between replicas (replaces the LRU)."
+    )
+    cache_ttl_s: int = setting(86400, "How long Redis keeps a cached result.", min=1)
     load_interval_ms: int = setting(
         1000, "StreamLoad interval when the caller leaves interval_ms at 0.", min=10, max=60000
     )

@@ -137,6 +137,8 @@ def load_report_to_pb(endpoint_id: str, load: LoadSnapshot) -> common_pb2.LoadRe
         running_tokens=load.running_tokens,
         waiting_tokens=load.waiting_tokens,
         items_per_s=load.items_per_s,
+        # The embedder has no prefix cache; this field carries its result cache's hit ratio.
+        prefix_cache_hit_rate=load.cache_hit_rate,
         draining=load.draining,
     )
     report.at.GetCurrentTime()

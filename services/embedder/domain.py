@@ -52,3 +52,5 @@ class LoadSnapshot:
     waiting_tokens: int
     items_per_s: float
     draining: bool
+    # Share of inputs answered from the result cache since start (0 without a cache).
+    cache_hit_rate: float = 0.0

@@ -10,7 +10,7 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 
@@ -18,6 +18,7 @@ from services.common.device import DeviceStats
 from services.common.errors import InvalidArgument
 from services.common.model_card import ModelCard
 from services.embedder.batcher import Batcher
+from services.embedder.cache import Cached, HitCounter, ResultCache
 from services.embedder.domain import (
     EmbeddedItem,
     EmbedQuery,
@@ -34,6 +35,8 @@ WARMUP_TEXT = "warm-up"
 # WordPiece turns a word longer than this into one [UNK]; past max_seq_length x this many
 # characters only pathological (whitespace-padded) text still has tokens the model would see.
 CHARS_PER_TOKEN_BOUND = 100
+# Inputs this short (in characters, all together) are tokenised on the event loop.
+INLINE_TOKENIZE_CHARS = 1024
 
 
 class EncoderModel(Protocol):
@@ -65,8 +68,11 @@ class EmbedEngine:
         max_batch_tokens: int,
         max_wait_s: float,
         max_input_chars: int = 0,
+        cache: ResultCache | None = None,
     ) -> None:
         self.model = model
+        self.cache = cache
+        self.cache_hits = HitCounter()
         self.model_id = model_id
         self.max_items_per_request = max_items_per_request
         self.max_input_chars = max_input_chars or CHARS_PER_TOKEN_BOUND * model.max_seq_length
@@ -108,8 +114,13 @@ class EmbedEngine:
     async def embed(self, query: EmbedQuery) -> EmbedResult:
         self.validate(query)
         texts = self._cut(query)
-        loop = asyncio.get_running_loop()
-        counts = await loop.run_in_executor(self._tokenizer_thread, self.model.count_tokens, texts)
+        cached = await self._lookup(texts)
+        missing = [i for i, entry in enumerate(cached) if entry is None]
+        counts = [0 if entry is None else entry.tokens for entry in cached]
+        if missing:
+            fresh = await self._count_tokens([texts[i] for i in missing])
+            for i, count in zip(missing, fresh, strict=True):
+                counts[i] = count
         limit = self.model.max_seq_length
         if not query.truncate:
             for i, count in enumerate(counts):
@@ -120,7 +131,15 @@ class EmbedEngine:
                         "shorten it or set truncate=true",
                     )
         used = [min(count, limit) for count in counts]
-        vectors = await self._batcher.submit(texts, used)
+        raw: list[Vector | None] = [None if entry is None else entry.vector for entry in cached]
+        if missing:
+            encoded = await self._batcher.submit([texts[i] for i in missing], [used[i] for i in missing])
+            for i, vector in zip(missing, encoded, strict=True):
+                raw[i] = vector
+            if self.cache is not None:
+                await self.cache.put_many(
+                    [(texts[i], Cached(v, counts[i])) for i, v in zip(missing, encoded, strict=True)]
+                )
         items = [
             EmbeddedItem(
                 vector=normalize(vector) if query.normalize else vector,
@@ -128,11 +147,27 @@ class EmbedEngine:
                 token_count=n,
             )
             for vector, count, n, text, original in zip(
-                vectors, counts, used, texts, query.inputs, strict=True
+                cast("list[Vector]", raw), counts, used, texts, query.inputs, strict=True
             )
         ]
-        logger.debug("embedded %d inputs, %d tokens", len(items), sum(used))
+        logger.debug(
+            "embedded %d inputs, %d tokens, %d from cache", len(items), sum(used), len(texts) - len(missing)
+        )
         return EmbedResult(model=self.model_id, items=items)
+
+    async def _lookup(self, texts: list[str]) -> list[Cached | None]:
+        if self.cache is None:
+            return [None] * len(texts)
+        found = await self.cache.get_many(texts)
+        self.cache_hits.add(len(texts), sum(entry is not None for entry in found))
+        return found
+
+    async def _count_tokens(self, texts: list[str]) -> list[int]:
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            # A hop to the tokenizer thread costs more than tokenising a sentence or two here.
+            return self.model.count_tokens(texts)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, self.model.count_tokens, texts)
 
     def _cut(self, query: EmbedQuery) -> list[str]:
         """Inputs cut to max_input_chars (truncate=true), or InvalidArgument for the first too long."""
@@ -170,6 +205,7 @@ class EmbedEngine:
             waiting_tokens=batcher.waiting_tokens,
             items_per_s=batcher.items_per_s,
             draining=self.draining,
+            cache_hit_rate=self.cache_hits.ratio,
         )
 
     async def drain(self) -> None:
@@ -180,6 +216,12 @@ class EmbedEngine:
     async def close(self) -> None:
         self._draining.set()
         await self._batcher.close()
+        if self.cache is not None:
+            logger.info(
+                "result cache closed",
+                extra={"cache_lookups": self.cache_hits.lookups, "cache_hits": self.cache_hits.hits},
+            )
+            await self.cache.close()
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
 

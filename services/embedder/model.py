@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,16 @@ def packaged_model_path() -> Path:
 class EmbeddingModel:
     """A loaded sentence-transformers model on one device."""
 
-    def __init__(self, st: SentenceTransformer, device: torch.device, source: str) -> None:
+    def __init__(
+        self, st: SentenceTransformer, device: torch.device, source: str, encode_batch_size: int = 64
+    ) -> None:
         self._st = st
+        self.encode_batch_size = encode_batch_size
         self._device = device
         self.source = source
-        # A private tokenizer for counting: a fast tokenizer shared with encode() on another
-        # thread fails ("Already borrowed") when the two set different truncation.
-        self._counter: Any = copy.deepcopy(st.tokenizer)
+        # Private tokenizers for counting, one per thread: a fast tokenizer used from two
+        # threads at once fails ("Already borrowed") when they set different truncation.
+        self._counters = threading.local()
         if st.max_seq_length is None:
             raise ConfigError(f"model {source!r}: declares no max_seq_length")
         self.max_seq_length = int(st.max_seq_length)
@@ -57,27 +61,31 @@ class EmbeddingModel:
         self.dtype = str(next(st.parameters()).dtype).removeprefix("torch.")
 
     @classmethod
-    def load(cls, path: str, device: str) -> EmbeddingModel:
+    def load(cls, path: str, device: str, *, encode_batch_size: int = 64, threads: int = 0) -> EmbeddingModel:
         folder = Path(path) if path else packaged_model_path()
         if not folder.is_dir():
             raise ConfigError(f"embedder.model_path={path!r}: not a folder")
         resolved = resolve_device(device, "embedder.device")
+        if threads:
+            torch.set_num_threads(threads)
         st = _without_normalize(SentenceTransformer(str(folder), device=str(resolved), local_files_only=True))
         st.eval()
         source = PACKAGE.replace("_", "-") if not path else folder.name
         logger.info("model loaded", extra={"source": source, "device": str(resolved)})
-        return cls(st, resolved, source)
+        return cls(st, resolved, source, encode_batch_size)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        encoded = self._counter(list(texts), add_special_tokens=True, truncation=False, verbose=False)[
-            "input_ids"
-        ]
+        counter: Any = getattr(self._counters, "tokenizer", None)
+        if counter is None:
+            counter = self._counters.tokenizer = copy.deepcopy(self._st.tokenizer)
+        encoded = counter(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         return [len(ids) for ids in encoded]
 
     def encode(self, texts: list[str]) -> list[Vector]:
         vectors = self._st.encode(
             texts,
-            batch_size=len(texts),
+            # sentence-transformers sorts the inputs by length before cutting them into chunks.
+            batch_size=self.encode_batch_size,
             convert_to_numpy=True,
             normalize_embeddings=False,
             show_progress_bar=False,

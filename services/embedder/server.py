@@ -7,6 +7,7 @@ import logging
 import socket
 
 from services.common.server import GrpcServer, serve_forever
+from services.embedder.cache import create_cache
 from services.embedder.config import EmbedderConfig
 from services.embedder.engine import EmbedEngine
 from services.embedder.model import EmbeddingModel
@@ -17,7 +18,19 @@ logger = logging.getLogger(__name__)
 
 async def create_server(config: EmbedderConfig) -> GrpcServer:
     """Load and warm the model, then bind (port 0 picks a free port). Not started."""
-    model = await asyncio.to_thread(EmbeddingModel.load, config.model_path, config.device)
+    model = await asyncio.to_thread(
+        EmbeddingModel.load,
+        config.model_path,
+        config.device,
+        encode_batch_size=config.encode_batch_size,
+        threads=config.torch_threads,
+    )
+    cache = create_cache(
+        max_entries=config.cache_entries,
+        redis_url=config.cache_redis_url,
+        prefix=f"infermesh:embed:{config.model_id}:{model.source}:",
+        ttl_s=config.cache_ttl_s,
+    )
     engine = EmbedEngine(
         model,
         model_id=config.model_id,
@@ -25,6 +38,7 @@ async def create_server(config: EmbedderConfig) -> GrpcServer:
         max_batch_tokens=config.max_batch_tokens,
         max_wait_s=config.max_wait_ms / 1000,
         max_input_chars=config.max_input_chars,
+        cache=cache,
     )
     try:
         await engine.start()

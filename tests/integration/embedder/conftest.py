@@ -25,7 +25,8 @@ def reference() -> SentenceTransformer:
 
 @pytest.fixture(scope="session")
 async def embedder() -> AsyncIterator[GrpcServer]:
-    server = await create_server(embedder_config(endpoint_id="embedder-under-test"))
+    # No result cache: a repeated text must go through the batcher and the model again.
+    server = await create_server(embedder_config(endpoint_id="embedder-under-test", cache_entries=0))
     await server.start()
     yield server
     await server.stop(1.0)

@@ -152,6 +152,7 @@ async def test_load_counts_waiting_running_and_throughput(encoder: FakeEncoder) 
         await asyncio.gather(first, second)
         load = batcher.load()
         assert (load.running, load.waiting, load.batches) == (0, 0, 2)
+        assert load.batch_sizes == {2: 1, 1: 1}
         assert load.items_per_s == pytest.approx(3 / 10.0)
     finally:
         await batcher.close()

@@ -1,0 +1,181 @@
+"""Embedder throughput against sentence-transformers on the same weights, in one run.
+
+    python bench/embedder.py [--callers 256] [--rounds 5]
+
+Prints one table: sentences/s of sentence-transformers encoding in this process with
+batch 64 (the baseline), of the embedder as its own process with `--callers`
+concurrent gRPC callers each sending one short sentence, and of the same service
+with batching disabled (max_batch_tokens=1: every encode call takes one input).
+Rounds alternate between the contenders so machine noise hits all of them; read the
+ratio column, not the absolute figures. Latencies are per call, over all rounds; the
+batch-size histogram is what the service logs when it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import grpc  # noqa: E402
+from sentence_transformers import SentenceTransformer  # noqa: E402
+
+from infermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc  # noqa: E402
+from services.common.server import wait_serving  # noqa: E402
+from services.embedder.model import packaged_model_path  # noqa: E402
+
+WORDS = "apple river quantum violin glacier harbor pepper orbit canyon lantern meadow cipher".split()
+BASELINE_BATCH = 64
+
+
+def sentences(count: int, round_no: int, tag: str) -> list[str]:
+    """Short, distinct sentences (a result cache must not help any contender)."""
+    return [
+        f"The {WORDS[i % 12]} by the {WORDS[(i * 7 + round_no) % 12]} is no. {i} of {tag}, round {round_no}."
+        for i in range(count)
+    ]
+
+
+class Service:
+    """`python -m services.embedder` as its own process, so the two torch thread pools don't compete."""
+
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.env = env
+        self.latencies: list[float] = []
+
+    async def start(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.address = f"127.0.0.1:{port}"
+        env = {**os.environ, **self.env, "INFERMESH_EMBEDDER_PORT": str(port)}
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.embedder", cwd=ROOT, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        await wait_serving(self.address, timeout=300)
+        self.channel = grpc.aio.insecure_channel(self.address)
+        self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
+
+    async def _call(self, text: str) -> None:
+        started = time.perf_counter()
+        response = await self.stub.Embed(embedder_pb2.EmbedRequest(inputs=[text]), timeout=600)
+        self.latencies.append(time.perf_counter() - started)
+        assert len(response.embeddings) == 1
+
+    async def run(self, texts: list[str]) -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(self._call(t) for t in texts))
+        return len(texts) / (time.perf_counter() - started)
+
+    async def stop(self) -> dict[int, int]:
+        """Stop the service; return its batch-size histogram (from its last log lines)."""
+        await self.channel.close()
+        self.proc.terminate()
+        assert self.proc.stderr is not None
+        histogram: dict[int, int] = {}
+        async for line in self.proc.stderr:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "batch_sizes" in record:
+                histogram = {int(k): v for k, v in record["batch_sizes"].items()}
+        await self.proc.wait()
+        return histogram
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def histogram_text(histogram: dict[int, int]) -> str:
+    """Batches per size bucket (powers of two), e.g. '1:3 2-3:10 4-7:40'."""
+    buckets: collections.Counter[int] = collections.Counter()
+    for size, count in histogram.items():
+        buckets[size.bit_length() - 1] += count
+    parts = []
+    for b in sorted(buckets):
+        low, high = 1 << b, (1 << (b + 1)) - 1
+        parts.append(f"{low}:{buckets[b]}" if low == high else f"{low}-{high}:{buckets[b]}")
+    return " ".join(parts) or "-"
+
+
+async def run(callers: int, rounds: int, settings: dict[str, str]) -> None:
+    st = SentenceTransformer(str(packaged_model_path()), device="cpu", local_files_only=True)
+    env = {f"INFERMESH_EMBEDDER_{k.upper()}": v for k, v in settings.items()}
+    batched = Service("embedder over gRPC, dynamic batching", env)
+    unbatched = Service(
+        "embedder over gRPC, batching disabled", {**env, "INFERMESH_EMBEDDER_MAX_BATCH_TOKENS": "1"}
+    )
+    await batched.start()
+    await unbatched.start()
+    rates: dict[str, list[float]] = {"st": [], batched.name: [], unbatched.name: []}
+    try:
+        # Warm-up round, not counted: first calls pay for lazy initialisation everywhere.
+        st.encode(sentences(callers, -1, "st"), batch_size=BASELINE_BATCH)
+        for service in (batched, unbatched):
+            await service.run(sentences(callers, -1, service.name))
+            service.latencies.clear()
+        for r in range(rounds):
+            started = time.perf_counter()
+            st.encode(sentences(callers, r, "st"), batch_size=BASELINE_BATCH)
+            rates["st"].append(callers / (time.perf_counter() - started))
+            for service in (batched, unbatched):
+                rates[service.name].append(await service.run(sentences(callers, r, service.name)))
+    finally:
+        histograms = {batched.name: await batched.stop(), unbatched.name: await unbatched.stop()}
+
+    base = statistics.median(rates["st"])
+    unbatched_rate = statistics.median(rates[unbatched.name])
+    print(
+        f"\nembedder throughput, {callers} concurrent callers x 1 short sentence, median of {rounds} rounds"
+    )
+    header = (
+        f"| {'contender':<48} | {'sent/s':>8} | {'vs ST':>6} | {'vs unbatched':>12} "
+        f"| {'p50 ms':>7} | {'p99 ms':>7} | batch sizes (size:batches)"
+    )
+    print(header)
+    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|" + "-" * 28)
+    print(
+        f"| {'sentence-transformers in process, batch 64':<48} | {base:>8.1f} | {1.0:>5.2f}x "
+        f"| {base / unbatched_rate:>11.2f}x | {'-':>7} | {'-':>7} | 64 (fixed)"
+    )
+    for service in (batched, unbatched):
+        rate = statistics.median(rates[service.name])
+        p50, p99 = (percentile(service.latencies, q) * 1000 for q in (0.5, 0.99))
+        print(
+            f"| {service.name:<48} | {rate:>8.1f} | {rate / base:>5.2f}x | {rate / unbatched_rate:>11.2f}x "
+            f"| {p50:>7.1f} | {p99:>7.1f} "
+            f"| {histogram_text(histograms[service.name])}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--callers", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="embedder config for both services"
+    )
+    args = parser.parse_args()
+    settings = dict(item.split("=", 1) for item in args.set)
+    asyncio.run(run(args.callers, args.rounds, settings))
+
+
+if __name__ == "__main__":
+    main()
