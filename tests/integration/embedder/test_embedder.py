@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import grpc
 import numpy as np
@@ -101,7 +102,7 @@ async def test_concurrent_callers_each_get_their_own_vectors_in_order(
             f"{WORDS[i % 12]} {WORDS[(i * 5 + j) % 12]} number {i}-{j} " + "more words " * (i % 9)
             for j in range(1 + i % 3)
         ]
-        for i in range(60)
+        for i in range(200)
     ]
     flat = [t for texts in requests for t in texts]
     want = reference.encode(flat, normalize_embeddings=True)
@@ -188,6 +189,8 @@ async def test_stream_load_reports_every_interval(stub: embedder_pb2_grpc.Embedd
     assert last.device.type == common_pb2.DEVICE_TYPE_CPU
     assert last.items_per_s > 0
     assert (last.waiting, last.running, last.draining) == (0, 0, False)
+    # This server runs without a result cache.
+    assert last.prefix_cache_hit_rate == 0.0
 
 
 @pytest.mark.parametrize("interval_ms", [5, 120_000])
@@ -221,5 +224,32 @@ async def test_drain_finishes_in_flight_work_and_ends_load_streams() -> None:
             last = await stream.read()
             assert last is not grpc.aio.EOF and last.draining
             assert await stream.read() is grpc.aio.EOF
+    finally:
+        await server.stop(1.0)
+
+
+async def test_redis_cache_answers_repeats_with_the_same_vectors_and_counts_hits(
+    redis_url: str, reference: SentenceTransformer
+) -> None:
+    server = await create_server(embedder_config(cache_redis_url=redis_url, cache_ttl_s=60))
+    await server.start()
+    # Fresh texts: Redis outlives test runs.
+    run = secrets.token_hex(4)
+    first, second, third = (f"{word} number {i} of run {run}" for i, word in enumerate(WORDS[:3]))
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = embedder_pb2_grpc.EmbedderStub(channel)
+            await stub.Embed(embedder_pb2.EmbedRequest(inputs=[first, second]), timeout=30)
+            again = await stub.Embed(embedder_pb2.EmbedRequest(inputs=[second, third, first]), timeout=30)
+            assert_same_direction(
+                vectors(again), reference.encode([second, third, first], normalize_embeddings=True)
+            )
+            tokens = [len(reference.tokenizer(t)["input_ids"]) for t in (second, third, first)]
+            assert [e.token_count for e in again.embeddings] == tokens
+            stream = stub.StreamLoad(embedder_pb2.StreamLoadRequest(interval_ms=50), timeout=10)
+            report = await stream.read()
+            stream.cancel()
+            # Lookups: warm-up (a hit once an earlier run stored it), 2, then 3 with 2 hits.
+            assert report.prefix_cache_hit_rate in (pytest.approx(2 / 6), pytest.approx(3 / 6))
     finally:
         await server.stop(1.0)

@@ -10,6 +10,7 @@ import pytest
 from services.common.device import DeviceStats
 from services.common.errors import InvalidArgument
 from services.common.model_card import ModelCard
+from services.embedder.cache import LruCache
 from services.embedder.domain import EmbedQuery, Vector
 from services.embedder.engine import EmbedEngine, normalize
 
@@ -133,3 +134,55 @@ async def test_drain_flags_load_reports_and_wakes_waiters() -> None:
         assert await eng.wait_draining(10) is True
     finally:
         await eng.close()
+
+
+@pytest.fixture
+async def cached_engine() -> AsyncIterator[EmbedEngine]:
+    eng = EmbedEngine(
+        FakeModel(),
+        model_id="fake-embed",
+        max_items_per_request=4,
+        max_batch_tokens=64,
+        max_wait_s=0.001,
+        max_input_chars=40,
+        cache=LruCache(16),
+    )
+    await eng.start()
+    yield eng
+    await eng.close()
+
+
+async def test_repeated_texts_come_from_the_cache_with_their_own_flags(cached_engine: EmbedEngine) -> None:
+    model = cached_engine.model
+    assert isinstance(model, FakeModel)
+    first = await cached_engine.embed(EmbedQuery(inputs=["a b c d e f g", "one two"]))
+    calls = len(model.encoded)
+    again = await cached_engine.embed(
+        EmbedQuery(inputs=["one two", "new one", "a b c d e f g"], normalize=False)
+    )
+    # Only the new text reached the model.
+    assert model.encoded[calls:] == [["new one"]]
+    np.testing.assert_array_equal(again.items[0].vector, [2, 7, 1])
+    np.testing.assert_array_equal(again.items[2].vector, [7, 13, 1])
+    np.testing.assert_allclose(first.items[0].vector, np.array([7, 13, 1]) / np.linalg.norm([7, 13, 1]))
+    assert [(i.truncated, i.token_count) for i in again.items] == [(False, 4), (False, 4), (True, 6)]
+    # warm-up (1 miss), first (2 misses), again (2 hits of 3).
+    assert cached_engine.load().cache_hit_rate == pytest.approx(2 / 6)
+
+
+async def test_a_cached_over_long_text_is_still_rejected_without_truncation(
+    cached_engine: EmbedEngine,
+) -> None:
+    await cached_engine.embed(EmbedQuery(inputs=["a b c d e f g"]))
+    with pytest.raises(InvalidArgument) as info:
+        await cached_engine.embed(EmbedQuery(inputs=["a b c d e f g"], truncate=False))
+    assert (info.value.field, "9 tokens is over the model's limit of 6" in info.value.message) == (
+        "inputs[0]",
+        True,
+    )
+
+
+async def test_no_cache_means_a_hit_rate_of_zero(engine: EmbedEngine) -> None:
+    await engine.embed(EmbedQuery(inputs=["one two"]))
+    await engine.embed(EmbedQuery(inputs=["one two"]))
+    assert engine.load().cache_hit_rate == 0.0
