@@ -33,7 +33,13 @@ async def serving(
     """A started server using Redis under a prefix of its own, and a stub to it."""
     prefix = f"test:{uuid.uuid4().hex}"
     config = session_config(
-        database_url, redis_url=redis_url, redis_prefix=prefix, cache_retry_s=0.1, **overrides
+        database_url,
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        cache_retry_s=0.1,
+        # Generous: a slow answer on a busy machine must not count as a Redis failure here.
+        redis_timeout_s=2.0,
+        **overrides,
     )
     server = await create_server(config)
     await server.start()
