@@ -76,6 +76,11 @@ class GenSequence:
         self._pending = Delta()
 
     @property
+    def stop_ids(self) -> frozenset[int]:
+        """Token ids that end the sequence (eos included unless ignore_eos)."""
+        return self._stop_ids
+
+    @property
     def prefix_ids(self) -> list[int]:
         """What the model must see before it samples the first new token."""
         return self.prompt_ids + self.resume_ids

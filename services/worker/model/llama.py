@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -63,9 +64,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class AttentionContext(Protocol):
+    """What every layer needs for one forward pass besides the hidden states."""
+
+    # float32 RoPE tables cast to the model dtype, [1, 1, T, head_dim].
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the chunk's k/v ([1, kv_heads, T, head_dim]) and attend q ([1, heads, T, head_dim])."""
+        ...
+
+
 @dataclasses.dataclass
 class ForwardContext:
-    """What every layer needs for one forward pass besides the hidden states."""
+    """One sequence's chunk over a contiguous cache."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -74,6 +87,24 @@ class ForwardContext:
     start: int
     # None: no mask (one token) or plain causal from position 0.
     mask: torch.Tensor | None
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = self.cache.update(layer, k, v, self.start)
+        return attention(q, keys, values, self.mask)
+
+
+def attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        q,
+        keys,
+        values,
+        attn_mask=mask,
+        # Causal from position 0 is the common prefill case and needs no mask tensor.
+        is_causal=mask is None and q.shape[2] > 1,
+        enable_gqa=q.shape[1] != keys.shape[1],
+    )
 
 
 class RMSNorm(nn.Module):
@@ -100,7 +131,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.attention_bias)
         self.o_proj = nn.Linear(q_size, args.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -108,16 +139,7 @@ class Attention(nn.Module):
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * ctx.cos + rotate_half(q) * ctx.sin
         k = k * ctx.cos + rotate_half(k) * ctx.sin
-        keys, values = ctx.cache.update(self.layer, k, v, ctx.start)
-        out = F.scaled_dot_product_attention(
-            q,
-            keys,
-            values,
-            attn_mask=ctx.mask,
-            # Causal from position 0 is the common prefill case and needs no mask tensor.
-            is_causal=ctx.mask is None and length > 1,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        out = ctx.attend(self.layer, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -140,7 +162,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -174,14 +196,20 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids/positions: [1, T]; the tokens sit at cache positions start..start+T."""
         x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        ctx = ForwardContext(cos, sin, cache, start, chunk_mask(input_ids.shape[1], start, x.device))
+        return self.run_layers(x, ctx)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of `positions` ([1, T]) as [1, 1, T, head_dim] in `dtype`."""
         # Tables are float32 (as HF computes them) and cast once per step to the model dtype.
-        ctx = ForwardContext(
-            cos=self.rope_cos[positions].unsqueeze(1).to(x.dtype),
-            sin=self.rope_sin[positions].unsqueeze(1).to(x.dtype),
-            cache=cache,
-            start=start,
-            mask=_chunk_mask(input_ids.shape[1], start, x.device),
+        return (
+            self.rope_cos[positions].unsqueeze(1).to(dtype),
+            self.rope_sin[positions].unsqueeze(1).to(dtype),
         )
+
+    def run_layers(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """Embedded tokens [1, T, hidden] through every layer and the final norm."""
         for layer in self.layers:
             x = layer(x, ctx)
         return self.norm(x)
@@ -210,7 +238,7 @@ class LlamaModel(nn.Module):
             )
 
 
-def _chunk_mask(length: int, start: int, device: torch.device) -> torch.Tensor | None:
+def chunk_mask(length: int, start: int, device: torch.device) -> torch.Tensor | None:
     """Causal mask for a chunk that follows `start` cached positions; None where SDPA needs none."""
     if length == 1 or start == 0:
         return None

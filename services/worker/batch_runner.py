@@ -1,0 +1,98 @@
+"""One engine step over many sequences: schedule, run the batch through the model, take the samples.
+
+The device side of continuous batching: the pure scheduler picks the chunks, this
+runs them as one flattened batch over the paged KV cache and samples for every
+sequence whose chunk reached its end. Runs on the model thread; no asyncio here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from services.worker.core.scheduler import Scheduler, SchedulerOutput
+from services.worker.core.seq_state import FinishReason, SeqState
+from services.worker.model.llama import LlamaModel
+from services.worker.model.paged_kv_cache import PagedForwardContext, PagedKVCache
+from services.worker.sampler import sample
+from services.worker.sequence import Delta, Finish, GenSequence
+
+
+class BatchRunner:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache) -> None:
+        self.model = model
+        self.cache = cache
+
+    @torch.inference_mode()
+    def execute(
+        self, out: SchedulerOutput, seqs: Mapping[str, GenSequence]
+    ) -> dict[str, tuple[int, float | None]]:
+        """Run every scheduled chunk; sampled (token, logprob) of each chunk that ends its sequence."""
+        if not out.chunks:
+            return {}
+        device = self.cache.device
+        ids = torch.tensor([[t for c in out.chunks for t in c.token_ids]], dtype=torch.long, device=device)
+        positions = torch.cat(
+            [torch.arange(c.start, c.start + len(c.token_ids)) for c in out.chunks]
+        ).unsqueeze(0)
+        x = self.model.embed_tokens(ids)
+        ctx = PagedForwardContext.build(
+            self.cache,
+            [(c.start, len(c.token_ids), c.block_table) for c in out.chunks],
+            self.model.rope(positions.to(device), x.dtype),
+        )
+        hidden = self.model.run_layers(x, ctx)[0]
+        sampling = [
+            (c.request_id, span.end - 1) for c, span in zip(out.chunks, ctx.spans, strict=True) if c.sample
+        ]
+        if not sampling:
+            return {}
+        # Only the rows that sample pay for the vocabulary projection.
+        rows = torch.tensor([row for _, row in sampling], device=device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        results: dict[str, tuple[int, float | None]] = {}
+        for (request_id, _), row_logits in zip(sampling, logits, strict=True):
+            seq = seqs[request_id]
+            seen = seq.all_ids if seq.sampling.repetition_penalty != 1.0 else ()
+            results[request_id] = sample(row_logits, seq.sampling, seen, seq.seed, seq.step_index)
+        return results
+
+
+def run_step(scheduler: Scheduler, runner: BatchRunner, seqs: Mapping[str, GenSequence]) -> dict[str, Delta]:
+    """schedule -> execute -> update; the deltas to stream, by request id.
+
+    A sequence that ends on a stop string (which only its detokeniser can see) is
+    finished in the scheduler here too, so its blocks are free when this returns.
+    """
+    out = scheduler.schedule()
+    sampled = runner.execute(out, seqs)
+    scheduler.update_from_output(out, {rid: token for rid, (token, _) in sampled.items()})
+    deltas: dict[str, Delta] = {}
+    for request_id, (token, logprob) in sampled.items():
+        seq = seqs[request_id]
+        delta = seq.append(token, logprob)
+        state = scheduler.get(request_id)
+        if seq.finish is not None and state is not None:
+            scheduler.finish(request_id, FinishReason.STOP)
+        elif seq.finish is None and state is None:
+            # Only when the scheduler was given other limits than the sequence (see `state_for`).
+            delta = _merge(delta, seq.end(Finish.LENGTH))
+        if delta is not None:
+            deltas[request_id] = delta
+    return deltas
+
+
+def state_for(seq: GenSequence) -> SeqState:
+    """The scheduler's view of a sequence, with the same token limits so both finish together."""
+    return SeqState.new(seq.request_id, seq.prefix_ids, seq.remaining, sorted(seq.stop_ids))
+
+
+def _merge(first: Delta | None, last: Delta) -> Delta:
+    if first is None:
+        return last
+    first.text += last.text
+    first.token_ids += last.token_ids
+    first.logprobs += last.logprobs
+    first.finish, first.usage = last.finish, last.usage
+    return first

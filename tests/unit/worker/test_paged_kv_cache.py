@@ -1,0 +1,77 @@
+"""The paged cache on a tiny random model: a flattened batch of chunks from several sequences,
+their blocks scattered and partly shared, gives each sequence the logits it gets alone."""
+
+from __future__ import annotations
+
+import torch
+
+from services.worker.model.kv_cache import ContiguousKVCache
+from services.worker.model.llama import LlamaModel
+from services.worker.model.paged_kv_cache import PagedForwardContext, PagedKVCache
+from tests.unit.worker.test_model import ARGS, model, run
+
+__all__ = ["model"]  # the module-scoped fixture, shared with test_model
+
+BLOCK = 4
+
+
+def paged_step(
+    model: LlamaModel, cache: PagedKVCache, chunks: list[tuple[list[int], int, list[int]]]
+) -> list[torch.Tensor]:
+    """chunks: (token ids, start position, block table); logits of every token, per chunk."""
+    with torch.inference_mode():
+        ids = torch.tensor([[t for tokens, _, _ in chunks for t in tokens]])
+        positions = torch.cat([torch.arange(start, start + len(tokens)) for tokens, start, _ in chunks])
+        x = model.embed_tokens(ids)
+        ctx = PagedForwardContext.build(
+            cache,
+            [(start, len(tokens), table) for tokens, start, table in chunks],
+            model.rope(positions.unsqueeze(0), x.dtype),
+        )
+        logits = model.compute_logits(model.run_layers(x, ctx))[0]
+    return [logits[span.begin : span.end] for span in ctx.spans]
+
+
+A = [5, 9, 33, 2, 17, 40, 8, 1, 63, 22, 11]
+B = [7, 7, 3, 50, 12, 19, 44, 2, 5]
+# Shares A's first two blocks.
+C = [*A[:8], 30, 31, 32, 33]
+
+
+def test_mixed_batch_matches_each_sequence_alone(model: LlamaModel) -> None:
+    cache = PagedKVCache(
+        ARGS, num_blocks=16, block_size=BLOCK, dtype=torch.float32, device=torch.device("cpu")
+    )
+    # Scattered, out-of-order blocks: the gather must follow the tables.
+    table_a, table_b = [9, 2, 14], [5, 11, 0]
+    step1 = paged_step(model, cache, [(A[:6], 0, table_a[:2]), (B[:9], 0, table_b)])
+    # Step 2: A finishes its prompt, B decodes one token, C reuses A's two full blocks and adds one.
+    table_c = [9, 2, 7]
+    step2 = paged_step(model, cache, [(A[6:], 6, table_a), (C[8:], 8, table_c), ([4], 9, table_b)])
+    torch.testing.assert_close(torch.cat([step1[0], step2[0]]), run(model, A, [len(A)]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.cat([step1[1], step2[2]]), run(model, [*B, 4], [len(B) + 1]), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(step2[1], run(model, C, [len(C)])[8:], atol=1e-5, rtol=1e-5)
+
+
+def test_paged_decode_matches_contiguous_decode(model: LlamaModel) -> None:
+    paged = PagedKVCache(
+        ARGS, num_blocks=8, block_size=BLOCK, dtype=torch.float32, device=torch.device("cpu")
+    )
+    table = [3, 6, 1]
+    contiguous = ContiguousKVCache(ARGS, 64, torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        for pos, token in enumerate(A):
+            [got] = paged_step(model, paged, [([token], pos, table)])
+            want = model.compute_logits(
+                model(torch.tensor([[token]]), torch.tensor([[pos]]), contiguous, pos)
+            )[0]
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_block_bytes_counts_keys_and_values_of_every_layer() -> None:
+    cache = PagedKVCache(
+        ARGS, num_blocks=3, block_size=BLOCK, dtype=torch.bfloat16, device=torch.device("cpu")
+    )
+    assert cache.nbytes == 3 * PagedKVCache.block_bytes(ARGS, BLOCK, torch.bfloat16)
