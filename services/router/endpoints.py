@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -47,6 +48,15 @@ def channel_options(backoff_max_s: float) -> list[tuple[str, int]]:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", backoff_max_ms),
     ]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one request went, and what it added to that endpoint's backlog."""
+
+    address: str
+    tokens: int
+    reports: int  # the endpoint's report count when placed (see Registry.on_released)
 
 
 class Backoff:
@@ -119,7 +129,7 @@ class EndpointMonitor:
 
     def place(
         self, kind: EndpointKind, model_id: str, exclude: frozenset[str] = frozenset(), ask: Ask | None = None
-    ) -> str:
+    ) -> Placement:
         """Address of the endpoint that gets the request; UNAVAILABLE naming the model if none can."""
         ask = ask or Ask()
         now = self.clock()
@@ -134,38 +144,52 @@ class EndpointMonitor:
                 f"model {model_id!r} has no {kind.value} that can hold the request ({'; '.join(reasons)})"
             )
         address = self.policy.choose(fit, ask).address
-        self.registry.on_placed(address, ask.prompt_tokens + ask.max_tokens)
-        return address
+        tokens = ask.prompt_tokens + ask.max_tokens
+        return Placement(address, tokens, self.registry.on_placed(address, tokens))
+
+    def release(self, placement: Placement) -> None:
+        """The request placed by `placement` is over (finished, failed or cancelled)."""
+        self.registry.on_released(placement.address, placement.tokens, placement.reports)
 
     async def dispatch(
         self,
         kind: EndpointKind,
         model_id: str,
-        attempt: Callable[[str], Awaitable[T]],
+        attempt: Callable[[Placement], Awaitable[T]],
         attempts: int,
         ask: Ask | None = None,
+        *,
+        hold: bool = False,
     ) -> T:
-        """Run `attempt(address)` on a placed endpoint; on UNAVAILABLE, on another, up to `attempts`."""
+        """Run `attempt(placement)` on a placed endpoint; on UNAVAILABLE, on another, up to `attempts`.
+
+        The placement is released when the attempt returns, unless `hold`: a stream keeps it
+        until it ends, and its caller releases it then (`release`).
+        """
         tried: set[str] = set()
         failure: tuple[str, grpc.aio.AioRpcError] | None = None
         while len(tried) < attempts:
             try:
-                address = self.place(kind, model_id, frozenset(tried), ask)
+                placement = self.place(kind, model_id, frozenset(tried), ask)
             except Unavailable:
                 if failure is None:
                     raise
                 break
+            address = placement.address
             tried.add(address)
             try:
-                result = await attempt(address)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                result = await attempt(placement)
+            except BaseException as exc:
+                self.release(placement)
+                if not isinstance(exc, grpc.aio.AioRpcError) or exc.code() is not grpc.StatusCode.UNAVAILABLE:
                     raise
                 failure = (address, exc)
                 if self.registry.on_error(address, self.clock()):
                     logger.warning("%s %s ejected after repeated failures", kind.value, address)
                 logger.warning("%s %s unavailable for a request: %s", kind.value, address, exc.details())
                 continue
+            if not hold:
+                self.release(placement)
             self.registry.on_success(address)
             return result
         assert failure is not None

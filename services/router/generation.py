@@ -26,7 +26,7 @@ from services.router.domain import (
     GenerateParams,
     HistoryMessage,
 )
-from services.router.endpoints import EndpointMonitor
+from services.router.endpoints import EndpointMonitor, Placement
 from services.router.history import merge_history, turns_to_append
 from services.router.placement import Ask, HardwareNeeds
 from services.router.queues import QueueConfig, QueuedRequest, create_request_queue, effective_priority
@@ -145,11 +145,12 @@ class Generation:
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         """Stream the worker's reply through as it comes; record the turn before the last message."""
         address = ""
+        placement: Placement | None = None
 
-        async def open_stream(placed: str) -> tuple[Any, Any]:
-            nonlocal address
-            address = placed
-            call = self.endpoints.stub(placed).Generate(worker_req, timeout=turn.deadline.remaining())
+        async def open_stream(placed: Placement) -> tuple[Any, Any]:
+            nonlocal address, placement
+            address, placement = placed.address, placed
+            call = self.endpoints.stub(address).Generate(worker_req, timeout=turn.deadline.remaining())
             try:
                 return call, await call.read()
             except BaseException:
@@ -159,7 +160,7 @@ class Generation:
         call = None
         try:
             call, resp = await self.endpoints.dispatch(
-                EndpointKind.WORKER, model_id, open_stream, self.config.dispatch_attempts, ask
+                EndpointKind.WORKER, model_id, open_stream, self.config.dispatch_attempts, ask, hold=True
             )
             reply: list[str] = []
             first = True
@@ -189,6 +190,8 @@ class Generation:
             if call is not None:
                 # Also reached when the client cancels: the worker stops generating at once.
                 call.cancel()
+                assert placement is not None
+                self.endpoints.release(placement)
 
     async def _record(self, turn: _Turn, reply: str, completion_tokens: int) -> Degradation | None:
         """Append the turn; a failure degrades the answer instead of failing it."""

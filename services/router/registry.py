@@ -25,6 +25,7 @@ class EndpointState:
     reported_at: float | None = None  # clock reading when the latest report arrived
     error: str = "not reached yet"
     placed_tokens: int = 0  # tokens placed here since the latest report (it cannot know them yet)
+    reports: int = 0  # reports received; tells whether one came after a placement
     # Latest non-zero speeds: an idle endpoint reports 0 but has not become slow.
     decode_tokens_per_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
@@ -67,6 +68,7 @@ class Registry:
         state.load = load
         state.reported_at = now
         state.placed_tokens = 0
+        state.reports += 1
         if load.decode_tokens_per_s > 0:
             state.decode_tokens_per_s = load.decode_tokens_per_s
         if load.prefill_tokens_per_s > 0:
@@ -85,8 +87,18 @@ class Registry:
         state.error = reason
         return was_up
 
-    def on_placed(self, address: str, tokens: int) -> None:
-        self._endpoints[address].placed_tokens += tokens
+    def on_placed(self, address: str, tokens: int) -> int:
+        """Count tokens placed here until a report covers them; returns the report count now."""
+        state = self._endpoints[address]
+        state.placed_tokens += tokens
+        return state.reports
+
+    def on_released(self, address: str, tokens: int, reports_at_placement: int) -> None:
+        """A placed request ended. If no report arrived since it was placed, none will ever
+        count it, so stop counting it here (else sequential requests pile up phantom backlog)."""
+        state = self._endpoints[address]
+        if state.reports == reports_at_placement:
+            state.placed_tokens = max(0, state.placed_tokens - tokens)
 
     def on_error(self, address: str, now: float) -> bool:
         """A request failed there; True when this ejects it (again, if it was being probed)."""

@@ -21,7 +21,7 @@ from services.common.logs import request_id_var
 from services.router import convert
 from services.router.config import RouterConfig
 from services.router.domain import EndpointKind, ModelKind
-from services.router.endpoints import EndpointMonitor
+from services.router.endpoints import EndpointMonitor, Placement
 from services.router.generation import NO_SESSION_SERVICE, Generation
 from services.router.registry import EndpointView
 from services.router.sessions import SessionClient
@@ -67,8 +67,8 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
         outgoing = convert.embed_request_to_pb(request, request_id, model.id)
         timeout = _bounded(self.config.downstream_timeout_s, context.time_remaining())
 
-        async def embed(address: str) -> Any:
-            return await self.endpoints.stub(address).Embed(outgoing, timeout=timeout)
+        async def embed(placed: Placement) -> Any:
+            return await self.endpoints.stub(placed.address).Embed(outgoing, timeout=timeout)
 
         resp = await self.endpoints.dispatch(
             EndpointKind.EMBEDDER, model.id, embed, self.config.dispatch_attempts

@@ -84,6 +84,18 @@ async def wait_healthy(stub: router_pb2_grpc.InferenceStub, addresses: set[str])
     await wait_until(ready, what=f"endpoints {sorted(addresses)} healthy")
 
 
+async def wait_idle(stub: router_pb2_grpc.InferenceStub, addresses: set[str]) -> None:
+    """Until the router's latest reports show nothing running or waiting on these endpoints."""
+
+    async def idle() -> bool:
+        status = await stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=2)
+        busy = {e.address for e in status.endpoints if e.load.running or e.load.waiting}
+        healthy = {e.address for e in status.endpoints if e.healthy}
+        return addresses <= healthy and not (addresses & busy)
+
+    await wait_until(idle, what=f"endpoints {sorted(addresses)} idle")
+
+
 def free_port() -> int:
     """A port nothing listens on (bound then released)."""
     with socket.socket() as s:

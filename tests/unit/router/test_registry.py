@@ -139,6 +139,22 @@ def test_placed_tokens_count_until_the_next_report() -> None:
     assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].backlog_tokens == 20
 
 
+def test_released_before_any_report_stops_counting() -> None:
+    """Sequential requests between two reports must not pile up backlog that no report clears."""
+    registry = make_registry("w")
+    bring_up(registry, "w", now=0.0)
+    first = registry.on_placed("w", 5)
+    second = registry.on_placed("w", 7)
+    registry.on_released("w", 5, first)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0)[0].backlog_tokens == 7
+    registry.on_report("w", LoadSnapshot(running_tokens=7), 0.1)  # this report counts the second
+    registry.on_released("w", 7, second)  # so its release must not subtract again
+    third = registry.on_placed("w", 3)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].backlog_tokens == 10
+    registry.on_released("w", 100, third)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].backlog_tokens == 7  # never below
+
+
 def test_idle_report_keeps_the_last_measured_speed() -> None:
     registry = make_registry("w")
     bring_up(registry, "w", now=0.0, decode_tokens_per_s=30)
