@@ -79,7 +79,7 @@ class BatchQueue(Generic[V]):
     A batch is ready when the queued inputs fill the budget, or when the oldest has
     waited `max_wait_s`. Batches take inputs in arrival order, so a job larger than
     the budget is spread over consecutive batches; an input alone over the budget
-    runs alone.
+    runs alone. Inside a batch the inputs are sorted by length, shortest first.
     """
 
     def __init__(self, max_batch_tokens: int, max_wait_s: float) -> None:

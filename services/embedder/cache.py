@@ -112,8 +112,9 @@ def _encode(entry: Cached) -> bytes:
     return _TOKENS.pack(entry.tokens) + np.asarray(entry.vector, dtype="<f4").tobytes()
 
 
-def _decode(value: bytes) -> Cached | None:
-    if len(value) < _TOKENS.size or (len(value) - _TOKENS.size) % 4:
+def _decode(value: bytes | str) -> Cached | None:
+    # A str comes back only from a client told to decode responses: not a value of ours.
+    if isinstance(value, str) or len(value) < _TOKENS.size or (len(value) - _TOKENS.size) % 4:
         # Not ours (or cut short): a miss, and the next put overwrites it.
         return None
     (tokens,) = _TOKENS.unpack_from(value)
