@@ -81,6 +81,16 @@ class ModelRunner:
         seen = seq.all_ids if seq.sampling.repetition_penalty != 1.0 else ()
         return sample(logits, seq.sampling, seen, seq.seed, seq.step_index)
 
+    def generate(self, seq: GenSequence) -> list[int]:
+        """Run one sequence to its end on its own: prefill, then one token at a time."""
+        chunk, start = seq.prefix_ids, 0
+        while seq.finish is None:
+            token, logprob = self.sample_next(seq, chunk, start)
+            start += len(chunk)
+            seq.append(token, logprob)
+            chunk = [token]
+        return seq.output_ids
+
     def _hidden(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0)

@@ -95,13 +95,7 @@ def generate(
         decode=lambda ids: "",
         eos_ids=eos,
     )
-    chunk, start = seq.prefix_ids, 0
-    while seq.finish is None:
-        token, logprob = runner.sample_next(seq, chunk, start)
-        start += len(chunk)
-        seq.append(token, logprob)
-        chunk = [token]
-    return seq.output_ids
+    return runner.generate(seq)
 
 
 def test_chat_template_matches_transformers(tokenizer: Tokenizer, gguf: Path) -> None:
