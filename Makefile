@@ -47,10 +47,13 @@ test: proto
 test-fast: proto
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+# The pure cores (no torch, grpc or network) are checked with mypy --strict.
 lint: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services/common services/launcher
+	$(VENV)/bin/mypy --strict services/worker/core services/router/placement.py services/router/queues.py \
+		services/router/degradation.py services/router/registry.py services/session/window.py
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache
