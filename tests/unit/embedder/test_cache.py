@@ -77,7 +77,7 @@ async def test_redis_round_trip_keeps_vector_and_tokens(redis_url: str) -> None:
 async def test_redis_value_that_is_not_ours_is_a_miss(redis_url: str) -> None:
     cache = RedisCache(redis_url, prefix=f"test:embed:{secrets.token_hex(4)}:", ttl_s=60)
     try:
-        await cache._redis.set(cache.key("x"), b"\x01\x02\x03\x04\x05")
+        await cache._redis.set(cache.key("x"), b"\x01\x02\x03\x04\x05", ex=60)  # shared Redis: expire
         assert await cache.get_many(["x"]) == [None]
     finally:
         await cache.close()
