@@ -49,6 +49,15 @@ class WorkerConfig:
     load_interval_ms: int = setting(
         100, "StreamLoad interval when the caller leaves interval_ms at 0.", min=10, max=60000
     )
+    health_interval_s: float = setting(
+        5.0,
+        "Seconds between health probes (one token through the engine) while the engine is idle.",
+        min=0.1,
+        max=3600,
+    )
+    health_timeout_s: float = setting(
+        10.0, "Seconds a health probe may take before health turns NOT_SERVING.", min=0.1, max=3600
+    )
     cache_dir: str = setting(
         "", "Where converted tokenizers are cached; empty means .cache/worker at the repository root."
     )

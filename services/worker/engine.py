@@ -112,6 +112,8 @@ class Engine:
         self.draining = False
         self.decode_meter = SpeedMeter()
         self.prefill_meter = SpeedMeter()
+        # Forward passes finished so far; the health probe reads progress from it.
+        self.passes = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="worker-engine")
@@ -225,6 +227,7 @@ class Engine:
         started = time.perf_counter()
         result = await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         meter.add(tokens, time.perf_counter() - started)
+        self.passes += 1
         return result
 
     def _cancelled(self, seq: GenSequence) -> None:

@@ -45,6 +45,7 @@ def build_server(config: WorkerConfig, service: WorkerService) -> GrpcServer:
     servicer.on_drain = lambda: server.set_serving(False)
     # A dead engine can serve nothing: say so to health checks at once.
     service.on_unhealthy = lambda: _spawn(server.set_serving(False))
+    service.on_health = server.set_serving
     return server
 
 

@@ -12,7 +12,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 from services.common.config import ConfigError
@@ -21,11 +21,13 @@ from services.common.errors import Unavailable
 from services.common.model_card import ModelCard
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, EngineLoad, model_thread
+from services.worker.health import HealthProbe
 from services.worker.model.loader import packaged_model_path
 from services.worker.request import (
     ChatTurn,
     GenerateRequest,
     Limits,
+    SamplingParams,
     check_model,
     check_prompt_source,
     plan_tokens,
@@ -73,12 +75,21 @@ class WorkerService:
         )
         self.endpoint_id = config.endpoint_id or f"{socket.gethostname()}:{config.port}"
         self.on_unhealthy: Callable[[], None] | None = None
+        # Set by the server: turns health SERVING (True) or NOT_SERVING (False).
+        self.on_health: Callable[[bool], Awaitable[None]] | None = None
         self.engine = Engine(
             runner,
             max_waiting=config.max_waiting,
             prefill_chunk_tokens=config.prefill_chunk_tokens,
             on_crash=self._engine_crashed,
             executor=executor,
+        )
+        self.health = HealthProbe(
+            self.engine,
+            self._probe_seq,
+            self._report_health,
+            interval_s=config.health_interval_s,
+            timeout_s=config.health_timeout_s,
         )
         self._closing = asyncio.Event()
 
@@ -106,6 +117,7 @@ class WorkerService:
         async for _ in self.generate(warmup):
             pass
         logger.info("engine warmed up", extra={"seconds": round(time.perf_counter() - started, 2)})
+        self.health.start()
         return self
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Delta]:
@@ -164,6 +176,7 @@ class WorkerService:
 
     async def stop(self) -> None:
         self._closing.set()
+        await self.health.stop()
         await self.engine.stop()
 
     async def wait_closing(self, timeout: float) -> bool:
@@ -173,6 +186,22 @@ class WorkerService:
         except TimeoutError:
             return False
         return True
+
+    def _probe_seq(self) -> GenSequence:
+        return GenSequence(
+            request_id="health-probe",
+            prompt_ids=(0,),
+            resume_ids=(),
+            sampling=SamplingParams(),
+            seed=0,
+            max_new_tokens=1,
+            decode=self.tokenizer.decode,
+            eos_ids=self.tokenizer.eos_token_ids,
+        )
+
+    async def _report_health(self, serving: bool) -> None:
+        if self.on_health is not None:
+            await self.on_health(serving)
 
     def _engine_crashed(self, exc: BaseException) -> None:
         if self.on_unhealthy is not None:

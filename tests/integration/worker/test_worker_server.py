@@ -45,6 +45,25 @@ async def test_health_serving_once_started(worker: RunningWorker) -> None:
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_health_probe_runs_a_token_through_the_real_engine(worker: RunningWorker) -> None:
+    before = worker.service.engine.passes
+    assert await worker.service.health.probe() is True
+    assert worker.service.engine.passes > before
+
+
+async def test_probe_verdict_reaches_grpc_health(worker: RunningWorker) -> None:
+    health = health_pb2_grpc.HealthStub(worker.channel)
+    assert worker.service.on_health is not None
+    try:
+        await worker.service.on_health(False)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await worker.service.on_health(True)
+    resp = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
 async def test_generate_streams_the_answer(worker: RunningWorker) -> None:
     responses = await generate(worker, request_id="paris", max_tokens=32)
     assert "Paris" in text_of(responses)
