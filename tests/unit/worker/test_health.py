@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from services.worker.engine import Engine
 from services.worker.health import HealthProbe
@@ -43,20 +44,28 @@ class Reports:
         return self.values[-1]
 
 
-def probe_for(engine: Engine, reports: Reports) -> HealthProbe:
-    return HealthProbe(
+@contextlib.asynccontextmanager
+async def probed(runner: ScriptedRunner) -> AsyncIterator[tuple[Engine, HealthProbe, Reports]]:
+    """A started engine on `runner` with a started probe; both stopped after, the gate opened first."""
+    engine = Engine(runner)
+    engine.start()
+    reports = Reports()
+    probe = HealthProbe(
         engine, lambda: make_seq("health-probe", max_new=1), reports, interval_s=INTERVAL, timeout_s=TIMEOUT
     )
+    probe.start()
+    try:
+        yield engine, probe, reports
+    finally:
+        if isinstance(runner, BlockableRunner):
+            runner.gate.set()
+        await probe.stop()
+        await engine.stop()
 
 
 async def test_blocked_model_thread_turns_health_off_and_release_turns_it_back_on() -> None:
     runner = BlockableRunner()
-    engine = Engine(runner)
-    engine.start()
-    reports = Reports()
-    probe = probe_for(engine, reports)
-    probe.start()
-    try:
+    async with probed(runner) as (engine, probe, reports):
         # An idle, working engine: probes pass and nothing changes.
         await asyncio.sleep(5 * INTERVAL)
         assert reports.values == []
@@ -71,45 +80,26 @@ async def test_blocked_model_thread_turns_health_off_and_release_turns_it_back_o
         # And the engine serves real requests again.
         deltas = await collect(engine, make_seq(max_new=2))
         assert [d.token_ids for d in deltas] == [[4], [5]]
-    finally:
-        runner.gate.set()
-        await probe.stop()
-        await engine.stop()
 
 
 async def test_busy_engine_is_not_probed_and_stays_healthy() -> None:
     runner = ScriptedRunner(step_s=INTERVAL / 5)
-    engine = Engine(runner)
-    engine.start()
-    reports = Reports()
-    probe = probe_for(engine, reports)
-    probe.start()
-    try:
+    async with probed(runner) as (engine, probe, reports):
         # About 20 intervals of steady decoding: progress is the proof, no probe needed.
         await collect(engine, make_seq(max_new=100))
         assert reports.values == []
+        assert probe.healthy is True
         probes = [call for call in runner.calls if call[1] == "health-probe"]
         assert len(probes) <= 3
-    finally:
-        await probe.stop()
-        await engine.stop()
 
 
 async def test_draining_engine_is_never_reported_healthy_again() -> None:
     runner = BlockableRunner()
-    engine = Engine(runner)
-    engine.start()
-    reports = Reports()
-    probe = probe_for(engine, reports)
-    probe.start()
-    try:
+    async with probed(runner) as (engine, probe, reports):
         runner.gate.clear()
         assert await reports.next(within=20 * (INTERVAL + TIMEOUT)) is False
         engine.drain()
         runner.gate.set()
         await asyncio.sleep(10 * INTERVAL)
         assert reports.values == [False]
-    finally:
-        runner.gate.set()
-        await probe.stop()
-        await engine.stop()
+        assert probe.healthy is False
