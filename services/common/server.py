@@ -73,6 +73,9 @@ class GrpcServer:
         await self.set_serving(serving)
 
     async def set_serving(self, serving: bool) -> None:
+        if serving and self._stopped.is_set():
+            # A late "healthy again" (e.g. a health probe) must not undo a drain.
+            return
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )

@@ -108,3 +108,20 @@ async def test_health_follows_drain() -> None:
         resp = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE))
         assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
     await srv.stop(0)
+
+
+async def test_serving_cannot_come_back_once_stopping() -> None:
+    probe_said_serving = False
+
+    async def drain() -> None:
+        nonlocal probe_said_serving
+        await srv.set_serving(True)  # what a health probe finishing now would do
+        probe_said_serving = True
+        async with grpc.aio.insecure_channel(srv.address) as ch:
+            resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=SERVICE))
+            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    srv = GrpcServer(host="127.0.0.1", port=0, service_names=[SERVICE], register=_register, on_drain=drain)
+    await srv.start()
+    await srv.stop(1)
+    assert probe_said_serving
