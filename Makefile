@@ -56,7 +56,7 @@ chaos: proto
 lint: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services/common services/launcher
+	$(VENV)/bin/mypy services/common services/launcher infermesh/cli.py infermesh/client
 	$(VENV)/bin/mypy --strict services/worker/core services/router/placement.py services/router/queues.py \
 		services/router/degradation.py services/router/registry.py services/session/window.py
 

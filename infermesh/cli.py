@@ -1,119 +1,111 @@
-"""`infermesh`: command-line client of the router: chat, embed, status."""
+"""`infermesh`: command-line client of the router: chat, embed, status, batch jobs, drain.
+
+Built on the Python client library (`infermesh.client`), so it retries like any client and
+shows the same typed errors.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infermesh.common.v1 import common_pb2
-from infermesh.router.v1 import router_pb2, router_pb2_grpc
-
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-_SHOWN_VALUES = 6
-# Messages gRPC itself gives when no connection could be made at all, as opposed to
-# UNAVAILABLE answered by the router (e.g. no healthy worker).
-_TRANSPORT_FAILURES = (
-    "failed to connect to all addresses",
-    "errors resolving",
-    "dns resolution failed",
-    "connection refused",
+from infermesh.client import (
+    BatchItem,
+    BatchJob,
+    Client,
+    ConnectionFailed,
+    InfermeshError,
+    Message,
+    Role,
 )
+from infermesh.client.channel import DEFAULT_ADDRESS
+
+_SHOWN_VALUES = 6
+_BATCH_FIELDS = frozenset(f.name for f in dataclasses.fields(BatchItem))
 
 
 class _Stop(Exception):
     """Ends the interactive loop."""
 
 
-def _stub(channel: grpc.Channel) -> router_pb2_grpc.InferenceStub:
-    return router_pb2_grpc.InferenceStub(channel)
+class UsageError(Exception):
+    """Bad input to the CLI itself (a malformed batch file, ...)."""
 
 
 def _err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _wide_console(file: Any = None) -> Console:
+    out = file or sys.stdout
+    # Wide when piped, so addresses and details are not wrapped mid-word.
+    return Console(file=out, width=None if out.isatty() else 200)
+
+
 # --- chat ------------------------------------------------------------------------------------
 
 
-def _sampling(args: argparse.Namespace) -> common_pb2.SamplingParams:
-    sampling = common_pb2.SamplingParams()
-    if args.temperature is not None:
-        sampling.temperature = args.temperature
-    if args.seed is not None:
-        sampling.seed = args.seed
-    return sampling
-
-
 def _generate(
-    stub: router_pb2_grpc.InferenceStub,
-    args: argparse.Namespace,
-    messages: Sequence[common_pb2.ChatMessage],
-    session_id: str | None,
+    client: Client, args: argparse.Namespace, messages: list[Message], session_id: str | None
 ) -> str:
     """Stream one reply to stdout as it arrives; return its text."""
-    req = router_pb2.GenerateRequest(model=args.model or "", messages=messages, sampling=_sampling(args))
+    options: dict[str, Any] = {"model": args.model or ""}
+    for name in ("max_tokens", "temperature", "seed"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if session_id:
-        req.session_id = session_id
-    if args.max_tokens is not None:
-        req.max_tokens = args.max_tokens
+        options["session_id"] = session_id
     parts: list[str] = []
-    stream: Iterator[router_pb2.GenerateResponse] = stub.Generate(req, timeout=args.timeout)
-    for resp in stream:
-        for note in resp.degraded:
+    for chunk in client.stream(messages, **options):
+        for note in chunk.degraded:
             _err(f"note: {note.reason}")
-        if resp.text:
-            sys.stdout.write(resp.text)
+        if chunk.text:
+            sys.stdout.write(chunk.text)
             sys.stdout.flush()
-            parts.append(resp.text)
+            parts.append(chunk.text)
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(parts)
 
 
-def _new_session(stub: router_pb2_grpc.InferenceStub, args: argparse.Namespace) -> str:
-    session = stub.CreateSession(
-        router_pb2.CreateSessionRequest(user_id=args.user, model=args.model or ""), timeout=args.timeout
-    )
+def _new_session(client: Client, args: argparse.Namespace) -> str:
+    session = client.create_session(args.user, model=args.model or "")
     _err(f"session: {session.session_id}")
-    return str(session.session_id)
+    return session.session_id
 
 
-def _turn(role: common_pb2.Role, content: str) -> common_pb2.ChatMessage:
-    return common_pb2.ChatMessage(role=role, content=content)
-
-
-def cmd_chat(args: argparse.Namespace, channel: grpc.Channel) -> int:
-    stub = _stub(channel)
-    system = [_turn(common_pb2.ROLE_SYSTEM, args.system)] if args.system else []
+def cmd_chat(args: argparse.Namespace, client: Client) -> int:
+    system = [Message(Role.SYSTEM, args.system)] if args.system else []
     if args.prompt is not None:
-        session_id = _new_session(stub, args) if args.new_session else args.session
-        _generate(stub, args, [*system, _turn(common_pb2.ROLE_USER, args.prompt)], session_id)
+        session_id = _new_session(client, args) if args.new_session else args.session
+        _generate(client, args, [*system, Message(Role.USER, args.prompt)], session_id)
         return 0
-    return _interactive(stub, args, system)
+    return _interactive(client, args, system)
 
 
-def _interactive(
-    stub: router_pb2_grpc.InferenceStub, args: argparse.Namespace, system: list[common_pb2.ChatMessage]
-) -> int:
+def _interactive(client: Client, args: argparse.Namespace, system: list[Message]) -> int:
     """Chat until EOF or /exit, keeping the conversation in a session.
 
     Without a session service on the router, the history is kept here and resent each turn.
     """
     session_id = args.session
-    local: list[common_pb2.ChatMessage] | None = None
+    local: list[Message] | None = None
     if not session_id:
         try:
-            session_id = _new_session(stub, args)
-        except grpc.RpcError as exc:
-            if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:  # type: ignore[attr-defined]
+            session_id = _new_session(client, args)
+        except InfermeshError as exc:
+            if exc.code.name != "FAILED_PRECONDITION":
                 raise
             _err("note: the router has no session service; keeping the conversation locally")
             local = []
@@ -126,11 +118,10 @@ def _interactive(
             return 0
         if not line:
             continue
-        user = _turn(common_pb2.ROLE_USER, line)
-        sent = [*(local or []), *pending, user]
-        reply = _generate(stub, args, sent, session_id if local is None else None)
+        sent = [*(local or []), *pending, Message(Role.USER, line)]
+        reply = _generate(client, args, sent, session_id if local is None else None)
         if local is not None:
-            local = [*sent, _turn(common_pb2.ROLE_ASSISTANT, reply)]
+            local = [*sent, Message(Role.ASSISTANT, reply)]
         pending = []
 
 
@@ -147,9 +138,8 @@ def _read_line() -> str:
 # --- embed -----------------------------------------------------------------------------------
 
 
-def cmd_embed(args: argparse.Namespace, channel: grpc.Channel) -> int:
-    req = router_pb2.EmbedRequest(model=args.model or "", inputs=args.texts)
-    resp = _stub(channel).Embed(req, timeout=args.timeout)
+def cmd_embed(args: argparse.Namespace, client: Client) -> int:
+    resp = client.embed(args.texts, model=args.model or "")
     if args.json:
         out = {
             "model": resp.model,
@@ -171,42 +161,193 @@ def cmd_embed(args: argparse.Namespace, channel: grpc.Channel) -> int:
 
 # --- status ----------------------------------------------------------------------------------
 
-_KINDS = {
-    router_pb2.ENDPOINT_KIND_WORKER: "worker",
-    router_pb2.ENDPOINT_KIND_EMBEDDER: "embedder",
-    router_pb2.ENDPOINT_KIND_SESSION: "session",
-}
 
-
-def cmd_status(args: argparse.Namespace, channel: grpc.Channel) -> int:
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
-    serving = health.status == health_pb2.HealthCheckResponse.SERVING
-    status = _stub(channel).GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=args.timeout)
-    state = health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)
+def cmd_status(args: argparse.Namespace, client: Client) -> int:
+    state = client.health()
+    status = client.cluster_status()
     print(f"router {args.address} ({status.router_id}): {state}")
     table = Table(
         "kind", "address", "healthy", "running", "waiting", "kv free", "tok/s", "report age", "detail"
     )
     for ep in status.endpoints:
-        has_load = ep.HasField("load")
-        load = ep.load
         table.add_row(
-            _KINDS.get(ep.kind, "?"),
+            ep.kind,
             ep.address,
             "yes" if ep.healthy else "no",
-            str(load.running) if has_load else "-",
-            str(load.waiting) if has_load else "-",
-            f"{load.kv_blocks_free}/{load.kv_blocks_total}" if has_load and load.kv_blocks_total else "-",
-            f"{load.decode_tokens_per_s or load.items_per_s:.1f}" if has_load else "-",
+            str(ep.running) if ep.has_load else "-",
+            str(ep.waiting) if ep.has_load else "-",
+            f"{ep.kv_blocks_free}/{ep.kv_blocks_total}" if ep.kv_blocks_total else "-",
+            f"{ep.tokens_per_s:.1f}" if ep.has_load else "-",
             f"{ep.report_age_ms} ms" if ep.report_age_ms else "-",
             ep.detail,
         )
-    # Wide when piped, so addresses and details are not wrapped mid-word.
-    Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(table)
-    return 0 if serving else 1
+    _wide_console().print(table)
+    return 0 if state == "SERVING" else 1
+
+
+# --- batch jobs ------------------------------------------------------------------------------
+
+
+def read_batch_file(path: Path) -> list[BatchItem]:
+    """One request per line: {"custom_id": ..., "messages": [{"role", "content"}] or "prompt",
+    and optionally model, max_tokens, temperature, top_p, top_k, seed, stop}."""
+    items: list[BatchItem] = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{number}: not JSON ({exc.msg})") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{path}:{number}: must be a JSON object")
+        unknown = sorted(set(data) - _BATCH_FIELDS)
+        if unknown:
+            raise UsageError(
+                f"{path}:{number}: unknown field {unknown[0]!r} (known: {', '.join(sorted(_BATCH_FIELDS))})"
+            )
+        data.setdefault("custom_id", str(number))
+        if isinstance(data.get("messages"), str):
+            data["messages"] = [data["messages"]]
+        data["stop"] = tuple(data.get("stop", ()))
+        items.append(BatchItem(**data))
+    if not items:
+        raise UsageError(f"{path}: no requests in the file")
+    return items
+
+
+def _job_line(job: BatchJob) -> str:
+    name = f" ({job.display_name})" if job.display_name else ""
+    return f"{job.batch_id}{name}: {job.state.value}, {job.completed}/{job.total} done, {job.failed} failed"
+
+
+def _watch(client: Client, job: BatchJob, interval_s: float) -> BatchJob:
+    """Poll the job with a progress bar (on stderr) until it ends."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]} failed"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(file=sys.stderr), transient=False) as progress:
+        task = progress.add_task(job.state.value, total=job.total, failed=job.failed)
+        while True:
+            progress.update(task, completed=job.processed, description=job.state.value, failed=job.failed)
+            if job.done:
+                return job
+            time.sleep(interval_s)
+            job = client.get_batch(job.batch_id)
+
+
+def cmd_batch_submit(args: argparse.Namespace, client: Client) -> int:
+    items = read_batch_file(Path(args.file))
+    job = client.submit_batch(items, display_name=args.name or Path(args.file).name)
+    print(f"batch {job.batch_id}: {job.total} requests submitted")
+    if args.no_wait:
+        return 0
+    try:
+        job = _watch(client, job, args.interval)
+    except KeyboardInterrupt:
+        _err(f"still running on the router; see `infermesh batch status {job.batch_id}`")
+        return 130
+    print(_job_line(job))
+    return 0 if job.state.value == "succeeded" else 1
+
+
+def cmd_batch_status(args: argparse.Namespace, client: Client) -> int:
+    if args.batch_id:
+        job = client.get_batch(args.batch_id)
+        if args.watch:
+            job = _watch(client, job, args.interval)
+        print(_job_line(job))
+        return 0
+    jobs, _ = client.list_batches(page_size=args.limit)
+    table = Table("batch", "name", "state", "done", "failed", "total", "created")
+    for j in jobs:
+        created = j.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.created_at else "-"
+        table.add_row(
+            j.batch_id, j.display_name, j.state.value, str(j.completed), str(j.failed), str(j.total), created
+        )
+    _wide_console().print(table)
+    return 0
+
+
+def _result_lines(client: Client, batch_id: str) -> Iterator[str]:
+    for r in client.batch_results(batch_id):
+        out: dict[str, Any] = {"custom_id": r.custom_id, "index": r.index}
+        if r.ok:
+            out |= {
+                "text": r.text,
+                "finish_reason": r.finish_reason.value,
+                "usage": {
+                    "prompt_tokens": r.usage.prompt_tokens,
+                    "completion_tokens": r.usage.completion_tokens,
+                },
+            }
+        else:
+            out["error"] = {"code": r.error_code, "message": r.error_message}
+        yield json.dumps(out, ensure_ascii=False)
+
+
+def cmd_batch_results(args: argparse.Namespace, client: Client) -> int:
+    if args.output:
+        with open(args.output, "w") as f:
+            count = sum(1 for line in _result_lines(client, args.batch_id) if f.write(line + "\n"))
+        _err(f"{count} results written to {args.output}")
+        return 0
+    for line in _result_lines(client, args.batch_id):
+        print(line)
+    return 0
+
+
+def cmd_batch_cancel(args: argparse.Namespace, client: Client) -> int:
+    print(_job_line(client.cancel_batch(args.batch_id)))
+    return 0
+
+
+# --- drain -----------------------------------------------------------------------------------
+
+
+def cmd_drain(args: argparse.Namespace, client: Client) -> int:
+    client.drain(args.endpoint)
+    print(f"{args.endpoint}: draining (no new requests; in-flight ones finish)")
+    return 0
 
 
 # --- entry point -----------------------------------------------------------------------------
+
+
+def _add_batch(sub: Any) -> None:
+    batch = sub.add_parser("batch", help="offline batch jobs at BATCH priority")
+    jobs = batch.add_subparsers(dest="batch_command", required=True)
+
+    submit = jobs.add_parser("submit", help="submit a JSONL file of requests and follow its progress")
+    submit.add_argument("file", help="one JSON request per line (custom_id, messages or prompt, ...)")
+    submit.add_argument("--name", help="display name (default: the file name)")
+    submit.add_argument("--no-wait", action="store_true", help="print the batch id and return")
+    submit.add_argument("--interval", type=float, default=1.0, help="seconds between progress polls")
+    submit.set_defaults(func=cmd_batch_submit)
+
+    status = jobs.add_parser("status", help="one job's progress, or a table of recent jobs")
+    status.add_argument("batch_id", nargs="?")
+    status.add_argument("--watch", action="store_true", help="follow with a progress bar until it ends")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between progress polls")
+    status.add_argument("--limit", type=int, default=20, help="jobs listed without a batch id")
+    status.set_defaults(func=cmd_batch_status)
+
+    results = jobs.add_parser("results", help="results as JSON lines, in request order")
+    results.add_argument("batch_id")
+    results.add_argument("-o", "--output", help="write to this file instead of stdout")
+    results.set_defaults(func=cmd_batch_results)
+
+    cancel = jobs.add_parser("cancel", help="stop a job; finished results are kept")
+    cancel.add_argument("batch_id")
+    cancel.set_defaults(func=cmd_batch_cancel)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--address",
         default=os.environ.get("INFERMESH_ADDRESS") or DEFAULT_ADDRESS,
         help="router host:port (default: $INFERMESH_ADDRESS or %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("INFERMESH_API_KEY") or None,
+        help="API key sent with every call (default: $INFERMESH_API_KEY)",
     )
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for each call")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,27 +390,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="router health and cluster status")
     status.set_defaults(func=cmd_status)
+
+    _add_batch(sub)
+
+    drain = sub.add_parser("drain", help="stop routing new requests to a worker or embedder (admin)")
+    drain.add_argument("endpoint", help="host:port of the endpoint, as `infermesh status` lists it")
+    drain.set_defaults(func=cmd_drain)
     return parser
 
 
-def describe_error(exc: grpc.RpcError, address: str) -> str:
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    details: str = exc.details() or ""  # type: ignore[attr-defined]
-    if code is grpc.StatusCode.UNAVAILABLE and details.lower().startswith(_TRANSPORT_FAILURES):
+def describe_error(exc: InfermeshError, address: str) -> str:
+    if isinstance(exc, ConnectionFailed):
         return f"cannot reach infermesh router at {address} — start the mesh with `make up`"
-    return f"error: {code.name}: {details}"
+    return f"error: {exc.code.name}: {exc.details}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with grpc.insecure_channel(args.address) as channel:
-            code: int = args.func(args, channel)
+        with Client(args.address, api_key=args.api_key, timeout=args.timeout) as client:
+            code: int = args.func(args, client)
             return code
-    except grpc.RpcError as exc:
+    except InfermeshError as exc:
         sys.stdout.flush()
         _err(describe_error(exc, args.address))
         return 1
+    except UsageError as exc:
+        _err(f"error: {exc}")
+        return 2
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
