@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from services.worker.batch_runner import BatchRunner, run_step, state_for  # noqa: E402
+from services.worker.batch_runner import BatchRunner  # noqa: E402
 from services.worker.core.block_manager import BlockManager  # noqa: E402
 from services.worker.core.scheduler import Scheduler, SchedulerLimits  # noqa: E402
 from services.worker.model.loader import packaged_model_path  # noqa: E402
@@ -31,6 +31,7 @@ from services.worker.model.paged_kv_cache import PagedKVCache  # noqa: E402
 from services.worker.request import SamplingParams  # noqa: E402
 from services.worker.runner import ModelRunner  # noqa: E402
 from services.worker.sequence import GenSequence  # noqa: E402
+from services.worker.step import run_step, state_for  # noqa: E402
 
 BLOCK = 16
 PARAMS = SamplingParams(ignore_eos=True)
@@ -78,7 +79,7 @@ def batched(runner: ModelRunner, work: list[tuple[list[int], int]], budget: int)
     seqs = make_seqs(work)
     started = time.perf_counter()
     for seq in seqs.values():
-        scheduler.add(state_for(seq))
+        scheduler.add(state_for(seq.request_id, seq))
     while scheduler.has_work():
         run_step(scheduler, batch, seqs)
     return time.perf_counter() - started, sum(len(s.output_ids) for s in seqs.values())

@@ -11,12 +11,11 @@ from collections.abc import Mapping
 
 import torch
 
-from services.worker.core.scheduler import Scheduler, SchedulerOutput
-from services.worker.core.seq_state import FinishReason, SeqState
+from services.worker.core.scheduler import SchedulerOutput
 from services.worker.model.llama import LlamaModel
 from services.worker.model.paged_kv_cache import PagedForwardContext, PagedKVCache
 from services.worker.sampler import sample
-from services.worker.sequence import Delta, Finish, GenSequence
+from services.worker.sequence import GenSequence
 
 
 class BatchRunner:
@@ -57,42 +56,3 @@ class BatchRunner:
             seen = seq.all_ids if seq.sampling.repetition_penalty != 1.0 else ()
             results[request_id] = sample(row_logits, seq.sampling, seen, seq.seed, seq.step_index)
         return results
-
-
-def run_step(scheduler: Scheduler, runner: BatchRunner, seqs: Mapping[str, GenSequence]) -> dict[str, Delta]:
-    """schedule -> execute -> update; the deltas to stream, by request id.
-
-    A sequence that ends on a stop string (which only its detokeniser can see) is
-    finished in the scheduler here too, so its blocks are free when this returns.
-    """
-    out = scheduler.schedule()
-    sampled = runner.execute(out, seqs)
-    scheduler.update_from_output(out, {rid: token for rid, (token, _) in sampled.items()})
-    deltas: dict[str, Delta] = {}
-    for request_id, (token, logprob) in sampled.items():
-        seq = seqs[request_id]
-        delta = seq.append(token, logprob)
-        state = scheduler.get(request_id)
-        if seq.finish is not None and state is not None:
-            scheduler.finish(request_id, FinishReason.STOP)
-        elif seq.finish is None and state is None:
-            # Only when the scheduler was given other limits than the sequence (see `state_for`).
-            delta = _merge(delta, seq.end(Finish.LENGTH))
-        if delta is not None:
-            deltas[request_id] = delta
-    return deltas
-
-
-def state_for(seq: GenSequence) -> SeqState:
-    """The scheduler's view of a sequence, with the same token limits so both finish together."""
-    return SeqState.new(seq.request_id, seq.prefix_ids, seq.remaining, sorted(seq.stop_ids))
-
-
-def _merge(first: Delta | None, last: Delta) -> Delta:
-    if first is None:
-        return last
-    first.text += last.text
-    first.token_ids += last.token_ids
-    first.logprobs += last.logprobs
-    first.finish, first.usage = last.finish, last.usage
-    return first

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.config import ConfigError, setting
+from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -12,6 +12,8 @@ class WorkerConfig:
     host: str = setting("127.0.0.1", "Address to listen on.")
     port: int = setting(50053, "Port to listen on; 0 picks a free one.", min=0, max=65535)
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    metrics_port: int = metrics_port_setting()
+    otlp_endpoint: str = otlp_endpoint_setting()
     grace_s: float = setting(10.0, "Seconds to finish in-flight work on SIGTERM.", min=0, max=600)
     endpoint_id: str = setting("", "Name in load reports; empty means '<hostname>:<port>'.")
     model_id: str = setting("smollm2-135m-instruct", "Model name clients put in `model`.")
@@ -40,10 +42,31 @@ class WorkerConfig:
     max_tokens_limit: int = setting(4096, "Largest max_tokens a request may ask for.", min=1)
     max_stop_strings: int = setting(16, "Most stop strings one request may carry.", min=0, max=1024)
     max_waiting: int = setting(
-        256, "Requests that may queue behind the running one before new ones are refused.", min=1
+        256, "Requests that may wait for a seat in the running batch before new ones are refused.", min=1
+    )
+    max_running: int = setting(
+        64, "Most sequences in the running batch; each step decodes one token for every one of them.", min=1
+    )
+    max_batch_tokens: int = setting(
+        512,
+        "Token budget of one forward pass: decodes first, then prompt chunks fill what is left.",
+        min=16,
     )
     prefill_chunk_tokens: int = setting(
-        512, "Prompt tokens per forward pass; a cancelled request stops between chunks.", min=16
+        512,
+        "Most prompt tokens of one sequence per forward pass, so a long prompt never stalls the "
+        "decodes of others for long; a cancelled request stops between chunks.",
+        min=16,
+    )
+    kv_cache_mb: int = setting(
+        1024,
+        "Memory for the paged KV cache, shared by every sequence; bounds how many tokens can be "
+        "in flight at once.",
+        min=1,
+    )
+    kv_block_size: int = setting(16, "Positions per KV cache block.", min=1, max=1024)
+    prefix_caching: bool = setting(
+        True, "Reuse the KV blocks of identical prompt prefixes (e.g. a conversation's earlier turns)."
     )
     threads: int = setting(0, "CPU threads for torch; 0 keeps torch's default.", min=0, max=1024)
     load_interval_ms: int = setting(

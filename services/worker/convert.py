@@ -97,4 +97,7 @@ def load_to_pb(snap: LoadSnapshot) -> common_pb2.LoadReport:
         decode_tokens_per_s=e.decode_tokens_per_s,
         prefill_tokens_per_s=e.prefill_tokens_per_s,
         draining=e.draining,
+        kv_blocks_free=e.kv_blocks_free,
+        kv_blocks_total=e.kv_blocks_total,
+        prefix_cache_hit_rate=e.prefix_cache_hit_rate,
     )

@@ -1,29 +1,32 @@
-"""The engine: one asyncio task that owns the model and runs sequences through it.
+"""The engine: one asyncio task that owns the scheduler and steps every sequence through the model.
 
-Requests queue in order; the task takes one at a time, prefills it in chunks and
-decodes it token by token. Every forward pass runs on a dedicated model thread,
-so the event loop (health, other RPCs, streaming) stays responsive. Between two
-passes the task checks for cancellation, so an abandoned request stops at once.
+Continuous batching: each step the pure scheduler picks chunks from every running
+sequence (decodes, and prompt chunks of newly admitted ones) within a token budget,
+the model thread runs them as one batch, and the sampled tokens go back to the
+scheduler and out to their streams. Requests join and leave between steps.
+
+Only this task touches the scheduler, and only between steps or inside the step it
+runs on the model thread: `submit` and `cancel` just leave notes for it, so the
+event loop never races the model thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import AsyncIterator, Callable
 
-from services.common.errors import ResourceExhausted, Unavailable
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.worker.core.scheduler import Scheduler
 from services.worker.meter import SpeedMeter
 from services.worker.sequence import Delta, Finish, GenSequence
+from services.worker.step import StepExecutor, StepResult, run_step, state_for
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def model_thread() -> concurrent.futures.ThreadPoolExecutor:
@@ -37,14 +40,6 @@ def model_thread() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-model")
 
 
-class Runner(Protocol):
-    def prefill(self, token_ids: Sequence[int], start: int) -> None: ...
-
-    def sample_next(
-        self, seq: GenSequence, token_ids: Sequence[int], start: int
-    ) -> tuple[int, float | None]: ...
-
-
 @dataclasses.dataclass(frozen=True)
 class EngineLoad:
     running: int
@@ -54,18 +49,25 @@ class EngineLoad:
     decode_tokens_per_s: float
     prefill_tokens_per_s: float
     draining: bool
+    kv_blocks_free: int = 0
+    kv_blocks_total: int = 0
+    prefix_cache_hit_rate: float = 0.0
 
 
 class RequestHandle:
     """The consumer's side of one request: its deltas in order, ending with the finished one."""
 
-    def __init__(self, seq: GenSequence) -> None:
+    def __init__(self, key: str, seq: GenSequence, wakeup: asyncio.Event) -> None:
+        self.key = key
         self.seq = seq
         self.cancelled = False
+        self._wakeup = wakeup
         self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
     def cancel(self) -> None:
         self.cancelled = True
+        # The engine may be idle-waiting; the blocks must come back within a step either way.
+        self._wakeup.set()
 
     def put(self, item: Delta | BaseException) -> None:
         self._queue.put_nowait(item)
@@ -88,25 +90,27 @@ class RequestHandle:
 class Engine:
     def __init__(
         self,
-        runner: Runner,
+        step_executor: StepExecutor,
+        scheduler: Scheduler,
         *,
-        max_waiting: int = 256,
-        prefill_chunk_tokens: int = 512,
         on_crash: Callable[[BaseException], None] | None = None,
         executor: concurrent.futures.ThreadPoolExecutor | None = None,
     ) -> None:
-        self._runner = runner
-        self._max_waiting = max_waiting
-        self._chunk = prefill_chunk_tokens
+        self._step_executor = step_executor
+        self._scheduler = scheduler
+        self._max_waiting = scheduler.limits.max_waiting
+        self._capacity = scheduler.blocks.num_blocks * scheduler.blocks.block_size
         self._on_crash = on_crash
-        self._waiting: collections.deque[RequestHandle] = collections.deque()
-        self._running: RequestHandle | None = None
+        # Submitted, not yet handed to the scheduler (that happens between steps).
+        self._pending: list[RequestHandle] = []
+        # Every request the scheduler holds, by engine key (client request ids need not be unique).
+        self._handles: dict[str, RequestHandle] = {}
+        self._seqs: dict[str, GenSequence] = {}
+        self._keys = (f"s{n}" for n in itertools.count(1))
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="worker-model"
-        )
+        self._executor = executor or model_thread()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.draining = False
@@ -114,6 +118,7 @@ class Engine:
         self.prefill_meter = SpeedMeter()
         # Forward passes finished so far; the health probe reads progress from it.
         self.passes = 0
+        self.preemptions = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="worker-engine")
@@ -123,34 +128,52 @@ class Engine:
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
     def submit(self, seq: GenSequence) -> RequestHandle:
         if self.draining or self._stopping:
             raise Unavailable("worker is draining: send the request to another worker")
         if not self.alive:
             raise Unavailable("worker engine is not running")
-        if len(self._waiting) >= self._max_waiting:
+        positions = len(seq.prefix_ids) + seq.remaining - 1
+        if positions > self._capacity:
+            raise InvalidArgument(
+                "max_tokens",
+                f"{len(seq.prefix_ids)} prompt tokens + max_tokens={seq.remaining} need {positions} "
+                f"KV cache positions; this worker's cache holds {self._capacity}",
+            )
+        waiting = self._num_waiting()
+        if waiting >= self._max_waiting:
             raise ResourceExhausted(
-                f"{len(self._waiting)} requests already waiting (limit {self._max_waiting})",
+                f"{waiting} requests already waiting (limit {self._max_waiting})",
                 retry_after_ms=self._retry_after_ms(),
             )
-        handle = RequestHandle(seq)
-        self._waiting.append(handle)
+        handle = RequestHandle(next(self._keys), seq, self._wakeup)
+        self._pending.append(handle)
         self._idle.clear()
         self._wakeup.set()
         return handle
 
     def load(self) -> EngineLoad:
-        running = self._running
+        blocks = self._scheduler.blocks
+        running = [
+            self._seqs[s.request_id] for s in list(self._scheduler.running) if s.request_id in self._seqs
+        ]
         # Cancelled requests stay queued until the loop reaches them, but are no work.
-        waiting = [h.seq for h in self._waiting if not h.cancelled]
+        waiting = [h.seq for h in self._waiting_handles() if not h.cancelled]
         return EngineLoad(
-            running=0 if running is None else 1,
+            running=len(running),
             waiting=len(waiting),
-            running_tokens=0 if running is None else running.seq.remaining,
-            waiting_tokens=sum(len(seq.prefix_ids) + seq.max_new_tokens for seq in waiting),
+            running_tokens=sum(seq.remaining for seq in running),
+            waiting_tokens=sum(len(seq.prefix_ids) + seq.remaining for seq in waiting),
             decode_tokens_per_s=self.decode_meter.rate,
             prefill_tokens_per_s=self.prefill_meter.rate,
             draining=self.draining,
+            kv_blocks_free=blocks.num_free_blocks,
+            kv_blocks_total=blocks.num_blocks,
+            prefix_cache_hit_rate=blocks.prefix_hit_rate,
         )
 
     def drain(self) -> None:
@@ -163,7 +186,7 @@ class Engine:
     async def stop(self) -> None:
         """Abandon what is left and release the model thread."""
         self._stopping = True
-        unfinished = [*self._waiting, *([self._running] if self._running else [])]
+        unfinished = [*self._pending, *self._handles.values()]
         if self._task is not None:
             self._task.cancel()
             try:
@@ -173,62 +196,76 @@ class Engine:
         gone = Unavailable("worker stopped before finishing the request")
         for handle in unfinished:
             handle.put(gone)
-        self._waiting.clear()
-        self._running = None
+        self._pending.clear()
+        self._handles.clear()
+        self._seqs.clear()
         self._idle.set()
         # The model thread may be inside a forward pass; wait for it off the event loop.
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            while not self._waiting:
+            self._reap_cancelled()
+            self._admit_pending()
+            if not self._scheduler.has_work():
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            handle = self._waiting.popleft()
-            if handle.cancelled:
                 continue
-            self._running = handle
-            try:
-                await self._run(handle)
-            except Exception as exc:  # the request fails, the engine goes on
-                logger.exception("generation failed", extra={"request_id": handle.seq.request_id})
-                handle.put(exc)
-            finally:
-                self._running = None
+            started = time.perf_counter()
+            result = await loop.run_in_executor(self._executor, self._step)
+            self._account(result, time.perf_counter() - started)
+            self._dispatch(result)
 
-    async def _run(self, handle: RequestHandle) -> None:
-        seq = handle.seq
-        ids = seq.prefix_ids
-        start = 0
-        # All but the last chunk fill the cache only; the last one also samples the first token.
-        while len(ids) - start > self._chunk:
-            if handle.cancelled:
-                return self._cancelled(seq)
-            await self._timed(
-                self.prefill_meter, self._chunk, self._runner.prefill, ids[start : start + self._chunk], start
-            )
-            start += self._chunk
-        chunk = ids[start:]
-        while True:
-            if handle.cancelled:
-                return self._cancelled(seq)
-            meter = self.prefill_meter if len(chunk) > 1 else self.decode_meter
-            token, logprob = await self._timed(meter, len(chunk), self._runner.sample_next, seq, chunk, start)
-            start += len(chunk)
-            delta = seq.append(token, logprob)
-            if delta is not None:
-                handle.put(delta)
-            if seq.finish is not None:
-                return None
-            chunk = [token]
+    def _step(self) -> StepResult:
+        return run_step(self._scheduler, self._step_executor, self._seqs)
 
-    async def _timed(self, meter: SpeedMeter, tokens: int, fn: Callable[..., T], *args: object) -> T:
-        started = time.perf_counter()
-        result = await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        meter.add(tokens, time.perf_counter() - started)
+    def _admit_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for handle in pending:
+            if handle.cancelled:
+                self._cancelled(handle.seq)
+                continue
+            self._scheduler.add(state_for(handle.key, handle.seq))
+            self._handles[handle.key] = handle
+            self._seqs[handle.key] = handle.seq
+
+    def _reap_cancelled(self) -> None:
+        for key, handle in list(self._handles.items()):
+            if handle.cancelled:
+                self._scheduler.finish(key)
+                self._forget(key)
+                self._cancelled(handle.seq)
+
+    def _dispatch(self, result: StepResult) -> None:
+        for key, delta in result.deltas.items():
+            handle = self._handles.get(key)
+            if handle is None:
+                continue
+            handle.put(delta)
+            if delta.finish is not None:
+                self._forget(key)
+        if result.error is not None:
+            logger.error("forward pass failed", exc_info=result.error)
+            for key in result.failed:
+                handle = self._handles.get(key)
+                if handle is not None:
+                    handle.put(result.error)
+                    self._forget(key)
+
+    def _account(self, result: StepResult, seconds: float) -> None:
         self.passes += 1
-        return result
+        self.preemptions += result.preempted
+        total = result.prefill_tokens + result.decode_tokens
+        if total:
+            # One pass computes both kinds; each meter gets the share of the time its tokens took.
+            self.prefill_meter.add(result.prefill_tokens, seconds * result.prefill_tokens / total)
+            self.decode_meter.add(result.decode_tokens, seconds * result.decode_tokens / total)
+
+    def _forget(self, key: str) -> None:
+        self._handles.pop(key, None)
+        self._seqs.pop(key, None)
 
     def _cancelled(self, seq: GenSequence) -> None:
         seq.end(Finish.CANCELLED)
@@ -237,11 +274,27 @@ class Engine:
             extra={"request_id": seq.request_id, "completion_tokens": seq.completion_tokens},
         )
 
+    def _waiting_handles(self) -> list[RequestHandle]:
+        queued = [
+            self._handles[s.request_id]
+            for s in list(self._scheduler.waiting)
+            if s.request_id in self._handles
+        ]
+        return [*queued, *self._pending]
+
+    def _num_waiting(self) -> int:
+        return self._scheduler.num_waiting + len(self._pending)
+
     def _retry_after_ms(self) -> int:
-        """Rough time until a queue slot frees: the running request's remaining tokens at measured speed."""
+        """Rough time until a queue slot frees: the running sequence closest to its end, at measured speed."""
+        running = [
+            self._seqs[s.request_id] for s in list(self._scheduler.running) if s.request_id in self._seqs
+        ]
         rate = self.decode_meter.rate
-        remaining = self._running.seq.remaining if self._running else 1
-        return max(100, int(1000 * remaining / rate)) if rate > 0 else 1000
+        if rate <= 0 or not running:
+            return 1000
+        per_sequence = rate / len(running)
+        return min(30_000, max(100, int(1000 * min(seq.remaining for seq in running) / per_sequence)))
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._stopping:

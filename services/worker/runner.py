@@ -1,7 +1,8 @@
-"""The device side of the engine: the model, its KV cache and one forward pass at a time.
+"""The loaded model on its device, and one sequence at a time through a contiguous cache.
 
-Every method runs on the engine's single model thread; nothing here knows about
-asyncio or requests beyond the sequence it is handed.
+The serving engine batches through `BatchRunner` on a paged cache; this one-sequence
+path is the plain reference the batched one is checked against. Every method runs
+on the model thread; nothing here knows about asyncio.
 """
 
 from __future__ import annotations
@@ -30,7 +31,17 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.max_context = max_context
-        self.cache = ContiguousKVCache(self.args, max_context, dtype, device)
+        self._cache: ContiguousKVCache | None = None
+
+    @property
+    def cache(self) -> ContiguousKVCache:
+        """One sequence's cache, for the single-sequence path (reference checks, tools).
+
+        Made on first use: a serving worker runs on the paged cache and never needs it.
+        """
+        if self._cache is None:
+            self._cache = ContiguousKVCache(self.args, self.max_context, self.dtype, self.device)
+        return self._cache
 
     @classmethod
     def from_weights(

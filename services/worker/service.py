@@ -19,10 +19,15 @@ from services.common.config import ConfigError
 from services.common.device import DeviceStats, device_stats, resolve_device, torch_dtype
 from services.common.errors import Unavailable
 from services.common.model_card import ModelCard
+from services.common.telemetry import Phases
+from services.worker.batch_runner import BatchRunner
 from services.worker.config import WorkerConfig
+from services.worker.core.block_manager import BlockManager
+from services.worker.core.scheduler import Scheduler, SchedulerLimits
 from services.worker.engine import Engine, EngineLoad, model_thread
 from services.worker.health import HealthProbe
 from services.worker.model.loader import packaged_model_path
+from services.worker.model.paged_kv_cache import PagedKVCache
 from services.worker.request import (
     ChatTurn,
     GenerateRequest,
@@ -78,11 +83,7 @@ class WorkerService:
         # Set by the server: turns health SERVING (True) or NOT_SERVING (False).
         self.on_health: Callable[[bool], Awaitable[None]] | None = None
         self.engine = Engine(
-            runner,
-            max_waiting=config.max_waiting,
-            prefill_chunk_tokens=config.prefill_chunk_tokens,
-            on_crash=self._engine_crashed,
-            executor=executor,
+            *build_batching(config, runner), on_crash=self._engine_crashed, executor=executor
         )
         self.health = HealthProbe(
             self.engine,
@@ -140,8 +141,13 @@ class WorkerService:
             stop_token_ids=req.stop_token_ids,
         )
         handle = self.engine.submit(seq)
-        async for delta in handle.deltas():
-            yield delta
+        phases = Phases("worker prefill", "worker decode")
+        try:
+            async for delta in handle.deltas():
+                phases.next()  # the first token ends the prefill
+                yield delta
+        finally:
+            phases.end()
 
     async def tokenize(self, model: str, messages: Sequence[ChatTurn], prompt: str | None) -> list[int]:
         check_model(model, self.limits)
@@ -206,6 +212,33 @@ class WorkerService:
     def _engine_crashed(self, exc: BaseException) -> None:
         if self.on_unhealthy is not None:
             self.on_unhealthy()
+
+
+def build_batching(config: WorkerConfig, runner: ModelRunner) -> tuple[BatchRunner, Scheduler]:
+    """The paged KV cache sized from config, and the scheduler that hands out its blocks."""
+    block_bytes = PagedKVCache.block_bytes(runner.args, config.kv_block_size, runner.dtype)
+    num_blocks = config.kv_cache_mb * 2**20 // block_bytes
+    # A sequence must fit the cache at full context, or long requests could never run.
+    needed = -(-runner.max_context // config.kv_block_size)
+    if num_blocks < needed:
+        raise ConfigError(
+            f"worker.kv_cache_mb={config.kv_cache_mb}: holds {num_blocks} blocks of "
+            f"{config.kv_block_size} positions; one sequence at max_context={runner.max_context} needs "
+            f"{needed} ({needed * block_bytes / 2**20:.0f} MB)"
+        )
+    cache = PagedKVCache(runner.args, num_blocks, config.kv_block_size, runner.dtype, runner.device)
+    blocks = BlockManager(num_blocks, config.kv_block_size, enable_prefix_caching=config.prefix_caching)
+    limits = SchedulerLimits(
+        max_num_seqs=config.max_running,
+        max_num_batched_tokens=config.max_batch_tokens,
+        max_waiting=config.max_waiting,
+        max_prefill_chunk=config.prefill_chunk_tokens,
+    )
+    logger.info(
+        "KV cache ready",
+        extra={"blocks": num_blocks, "block_size": config.kv_block_size, "mb": cache.nbytes // 2**20},
+    )
+    return BatchRunner(runner.model, cache), Scheduler(blocks, limits)
 
 
 def _load_model(config: WorkerConfig) -> tuple[ModelRunner, Tokenizer, str]:

@@ -9,13 +9,14 @@ import random
 import pytest
 import torch
 
-from services.worker.batch_runner import BatchRunner, run_step, state_for
+from services.worker.batch_runner import BatchRunner
 from services.worker.core.block_manager import BlockManager
 from services.worker.core.scheduler import Scheduler, SchedulerLimits
 from services.worker.model.paged_kv_cache import PagedKVCache
 from services.worker.request import SamplingParams
 from services.worker.runner import ModelRunner
 from services.worker.sequence import GenSequence
+from services.worker.step import run_step, state_for
 from services.worker.tokenizer import Tokenizer
 from tests.integration.worker.test_fidelity import chat_ids, generate, gguf, runner, tokenizer
 
@@ -60,7 +61,8 @@ def drive(
     step = 0
     while pending or scheduler.has_work():
         while pending and pending[0][0] <= step:
-            states.append(state_for(pending.pop(0)[1]))
+            seq = pending.pop(0)[1]
+            states.append(state_for(seq.request_id, seq))
             scheduler.add(states[-1])
         run_step(scheduler, batch, seqs)
         step += 1

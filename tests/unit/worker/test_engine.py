@@ -1,36 +1,40 @@
-"""The engine loop with a scripted runner: ordering, chunked prefill, cancellation, drain, failures."""
+"""The engine loop with a scripted executor: batching, chunked prefill, cancellation, drain, failures."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 
-from services.common.errors import ResourceExhausted, Unavailable
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.worker.core.block_manager import BlockManager
+from services.worker.core.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from services.worker.engine import Engine
 from services.worker.request import SamplingParams
 from services.worker.sequence import Delta, Finish, GenSequence
 
 
-class ScriptedRunner:
-    """Next token = last token + 1; records every forward pass it was asked for."""
+class ScriptedExecutor:
+    """Next token = last token of the chunk + 1; records every step as (request id, start, length) chunks."""
 
     def __init__(self, step_s: float = 0.0, fail_on: int | None = None) -> None:
         self.step_s = step_s
         self.fail_on = fail_on
-        self.calls: list[tuple[str, str, int, int]] = []
+        self.steps: list[list[tuple[str, int, int]]] = []
 
-    def prefill(self, token_ids: Sequence[int], start: int) -> None:
-        self.calls.append(("prefill", "", start, len(token_ids)))
-
-    def sample_next(self, seq: GenSequence, token_ids: Sequence[int], start: int) -> tuple[int, float | None]:
-        self.calls.append(("sample", seq.request_id, start, len(token_ids)))
+    def execute(
+        self, out: SchedulerOutput, seqs: Mapping[str, GenSequence]
+    ) -> dict[str, tuple[int, float | None]]:
+        self.steps.append([(seqs[c.request_id].request_id, c.start, len(c.token_ids)) for c in out.chunks])
         time.sleep(self.step_s)
-        if self.fail_on is not None and token_ids[-1] == self.fail_on:
+        if self.fail_on is not None and any(c.token_ids[-1] == self.fail_on for c in out.chunks):
             raise RuntimeError("device fell over")
-        return token_ids[-1] + 1, None
+        return {c.request_id: (c.token_ids[-1] + 1, None) for c in out.chunks if c.sample}
+
+    def chunks_of(self, request_id: str) -> list[tuple[int, int]]:
+        return [(start, n) for step in self.steps for rid, start, n in step if rid == request_id]
 
 
 def decode(ids: Sequence[int]) -> str:
@@ -49,16 +53,30 @@ def make_seq(request_id: str = "r", prompt: Sequence[int] = (1, 2, 3), max_new: 
     )
 
 
+def make_engine(
+    executor: ScriptedExecutor, *, num_blocks: int = 256, block_size: int = 4, **limits: int
+) -> Engine:
+    scheduler = Scheduler(BlockManager(num_blocks, block_size), SchedulerLimits(**limits))
+    return Engine(executor, scheduler)
+
+
 async def collect(engine: Engine, seq: GenSequence) -> list[Delta]:
     return [d async for d in engine.submit(seq).deltas()]
+
+
+async def wait_until(condition, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        assert time.perf_counter() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
 
 
 @pytest.fixture
 async def engine_with() -> object:
     engines: list[Engine] = []
 
-    def make(runner: ScriptedRunner, **kwargs: int) -> Engine:
-        engine = Engine(runner, **kwargs)
+    def make(executor: ScriptedExecutor, **kwargs: int) -> Engine:
+        engine = make_engine(executor, **kwargs)
         engine.start()
         engines.append(engine)
         return engine
@@ -69,7 +87,7 @@ async def engine_with() -> object:
 
 
 async def test_tokens_stream_in_order_and_finish_at_length(engine_with) -> None:  # type: ignore[no-untyped-def]
-    engine = engine_with(ScriptedRunner())
+    engine = engine_with(ScriptedExecutor())
     deltas = await collect(engine, make_seq(max_new=3))
     assert [d.token_ids for d in deltas] == [[4], [5], [6]]
     assert "".join(d.text for d in deltas) == "<4><5><6>"
@@ -77,44 +95,71 @@ async def test_tokens_stream_in_order_and_finish_at_length(engine_with) -> None:
 
 
 async def test_long_prompt_is_prefilled_in_chunks_at_the_right_positions(engine_with) -> None:  # type: ignore[no-untyped-def]
-    runner = ScriptedRunner()
-    engine = engine_with(runner, prefill_chunk_tokens=16)
+    executor = ScriptedExecutor()
+    engine = engine_with(executor, max_prefill_chunk=16)
     await collect(engine, make_seq(prompt=range(40), max_new=2))
-    assert runner.calls == [
-        ("prefill", "", 0, 16),
-        ("prefill", "", 16, 16),
-        ("sample", "r", 32, 8),
-        ("sample", "r", 40, 1),
-    ]
+    assert executor.chunks_of("r") == [(0, 16), (16, 16), (32, 8), (40, 1)]
 
 
-async def test_requests_run_one_after_another(engine_with) -> None:  # type: ignore[no-untyped-def]
-    runner = ScriptedRunner()
-    engine = engine_with(runner)
-    await asyncio.gather(collect(engine, make_seq("a")), collect(engine, make_seq("b")))
-    order = [rid for kind, rid, _, _ in runner.calls if kind == "sample"]
-    assert order == ["a"] * 4 + ["b"] * 4
+async def test_concurrent_requests_share_forward_passes(engine_with) -> None:  # type: ignore[no-untyped-def]
+    executor = ScriptedExecutor(step_s=0.002)
+    engine = engine_with(executor)
+    results = await asyncio.gather(*(collect(engine, make_seq(f"q{i}", max_new=6)) for i in range(8)))
+    assert all([t for d in deltas for t in d.token_ids] == [4, 5, 6, 7, 8, 9] for deltas in results)
+    # All eight were submitted before the first step: every step carries every one of them.
+    assert max(len(step) for step in executor.steps) == 8
+    assert len(executor.steps) <= 7
 
 
-async def test_abandoned_stream_stops_generating_and_frees_the_engine(engine_with) -> None:  # type: ignore[no-untyped-def]
-    runner = ScriptedRunner(step_s=0.01)
-    engine = engine_with(runner)
-    long = engine.submit(make_seq("long", max_new=10_000))
+async def test_a_request_joins_a_running_batch_between_steps(engine_with) -> None:  # type: ignore[no-untyped-def]
+    executor = ScriptedExecutor(step_s=0.005)
+    engine = engine_with(executor)
+    first = asyncio.create_task(collect(engine, make_seq("first", max_new=40)))
+    await wait_until(lambda: len(executor.steps) >= 5)
+    second = await collect(engine, make_seq("second", max_new=3))
+    assert second[-1].finish is Finish.LENGTH
+    assert not first.done(), "the second request waited for the first to end"
+    assert (await first)[-1].finish is Finish.LENGTH
+
+
+async def test_abandoned_stream_frees_its_blocks_within_a_step(engine_with) -> None:  # type: ignore[no-untyped-def]
+    executor = ScriptedExecutor(step_s=0.01)
+    engine = engine_with(executor)
+    long = engine.submit(make_seq("long", max_new=1000))
     stream = long.deltas()
     await anext(stream)
+    assert engine.scheduler.blocks.num_used_blocks > 0
     await stream.aclose()  # what a cancelled RPC does to the generator
-    started = time.perf_counter()
-    deltas = await collect(engine, make_seq("next", max_new=2))
-    assert deltas[-1].finish is Finish.LENGTH
-    assert time.perf_counter() - started < 1.0
-    assert sum(1 for _, rid, _, _ in runner.calls if rid == "long") < 10
+    await wait_until(lambda: engine.scheduler.blocks.num_used_blocks == 0, timeout=0.5)
     assert long.seq.finish is Finish.CANCELLED
+    assert len(executor.chunks_of("long")) < 10
+
+
+async def test_two_hundred_cancelled_streams_leave_no_block_in_use(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(ScriptedExecutor(step_s=0.001), max_num_seqs=64)
+    handles = [engine.submit(make_seq(f"c{i}", prompt=range(1, 2 + i % 30), max_new=500)) for i in range(200)]
+    await wait_until(lambda: engine.scheduler.num_running > 0)
+    for handle in handles:
+        handle.cancel()
+    await wait_until(lambda: not engine.scheduler.has_work(), timeout=1.0)
+    assert engine.scheduler.blocks.num_used_blocks == 0
+    assert engine.load().running == engine.load().waiting == 0
+
+
+async def test_client_request_ids_need_not_be_unique(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(ScriptedExecutor())
+    a, b = await asyncio.gather(
+        collect(engine, make_seq("same", prompt=(1,), max_new=2)),
+        collect(engine, make_seq("same", prompt=(10,), max_new=2)),
+    )
+    assert [d.token_ids for d in a] == [[2], [3]]
+    assert [d.token_ids for d in b] == [[11], [12]]
 
 
 async def test_full_queue_is_refused_with_pushback(engine_with) -> None:  # type: ignore[no-untyped-def]
-    engine = engine_with(ScriptedRunner(step_s=0.01), max_waiting=1)
+    engine = engine_with(ScriptedExecutor(step_s=0.01), max_num_seqs=1, max_waiting=1)
     running = engine.submit(make_seq("a", max_new=50))
-    await asyncio.sleep(0.05)  # "a" leaves the queue for the running slot
+    await wait_until(lambda: engine.scheduler.num_running == 1)
     engine.submit(make_seq("b"))
     with pytest.raises(ResourceExhausted) as info:
         engine.submit(make_seq("c"))
@@ -122,8 +167,14 @@ async def test_full_queue_is_refused_with_pushback(engine_with) -> None:  # type
     running.cancel()
 
 
+async def test_a_sequence_larger_than_the_cache_is_refused_naming_the_limit(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(ScriptedExecutor(), num_blocks=4, block_size=4)
+    with pytest.raises(InvalidArgument, match="cache holds 16"):
+        engine.submit(make_seq(prompt=range(10), max_new=10))
+
+
 async def test_drain_refuses_new_work_and_finishes_in_flight(engine_with) -> None:  # type: ignore[no-untyped-def]
-    engine = engine_with(ScriptedRunner(step_s=0.005))
+    engine = engine_with(ScriptedExecutor(step_s=0.005))
     in_flight = engine.submit(make_seq("a", max_new=5))
     engine.drain()
     with pytest.raises(Unavailable, match="draining"):
@@ -134,30 +185,43 @@ async def test_drain_refuses_new_work_and_finishes_in_flight(engine_with) -> Non
     assert engine.load().draining
 
 
-async def test_runner_failure_fails_that_request_only(engine_with) -> None:  # type: ignore[no-untyped-def]
-    engine = engine_with(ScriptedRunner(fail_on=5))
+async def test_a_failed_forward_pass_fails_its_batch_and_the_engine_goes_on(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(ScriptedExecutor(fail_on=5))
     with pytest.raises(RuntimeError, match="device fell over"):
         await collect(engine, make_seq("bad", prompt=(3, 4), max_new=5))
+    assert engine.scheduler.blocks.num_used_blocks == 0
     deltas = await collect(engine, make_seq("good", prompt=(10,), max_new=2))
     assert deltas[-1].finish is Finish.LENGTH
 
 
-async def test_load_counts_running_and_waiting(engine_with) -> None:  # type: ignore[no-untyped-def]
-    engine = engine_with(ScriptedRunner(step_s=0.01))
+async def test_load_counts_running_waiting_and_kv_blocks(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(ScriptedExecutor(step_s=0.01), max_num_seqs=1, num_blocks=64, block_size=4)
     a = engine.submit(make_seq("a", max_new=100))
     b = engine.submit(make_seq("b", prompt=(1, 2), max_new=7))
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: engine.decode_meter.rate > 0)
     load = engine.load()
     assert (load.running, load.waiting, load.waiting_tokens) == (1, 1, 9)
     assert 0 < load.running_tokens < 100
-    assert load.decode_tokens_per_s > 0
+    assert load.kv_blocks_total == 64
+    assert 0 < load.kv_blocks_total - load.kv_blocks_free <= 26
     b.cancel()  # a cancelled request still queued is no longer work
     assert (engine.load().waiting, engine.load().waiting_tokens) == (0, 0)
     a.cancel()
 
 
+async def test_a_repeated_prompt_hits_the_prefix_cache(engine_with) -> None:  # type: ignore[no-untyped-def]
+    executor = ScriptedExecutor()
+    engine = engine_with(executor)
+    prompt = list(range(1, 22))
+    await collect(engine, make_seq("first", prompt=prompt, max_new=2))
+    await collect(engine, make_seq("again", prompt=prompt, max_new=2))
+    # 5 full blocks of 4 cached: the second prefill starts at position 20.
+    assert executor.chunks_of("again")[0] == (20, 1)
+    assert engine.load().prefix_cache_hit_rate == pytest.approx(20 / 42)
+
+
 async def test_stop_fails_unfinished_requests() -> None:
-    engine = Engine(ScriptedRunner(step_s=0.01))
+    engine = make_engine(ScriptedExecutor(step_s=0.01))
     engine.start()
     handle = engine.submit(make_seq(max_new=1000))
     await asyncio.sleep(0.03)

@@ -5,28 +5,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping
 
+from services.worker.core.scheduler import SchedulerOutput
 from services.worker.engine import Engine
 from services.worker.health import HealthProbe
 from services.worker.sequence import GenSequence
-from tests.unit.worker.test_engine import ScriptedRunner, collect, make_seq
+from tests.unit.worker.test_engine import ScriptedExecutor, collect, make_engine, make_seq
 
 INTERVAL = 0.05
 TIMEOUT = 0.1
 
 
-class BlockableRunner(ScriptedRunner):
-    """A scripted runner whose forward passes wait while `gate` is closed, like a wedged model thread."""
+class BlockableRunner(ScriptedExecutor):
+    """A scripted executor whose forward passes wait while `gate` is closed, like a wedged model thread."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gate = threading.Event()
         self.gate.set()
 
-    def sample_next(self, seq: GenSequence, token_ids: Sequence[int], start: int) -> tuple[int, float | None]:
+    def execute(
+        self, out: SchedulerOutput, seqs: Mapping[str, GenSequence]
+    ) -> dict[str, tuple[int, float | None]]:
         self.gate.wait()
-        return super().sample_next(seq, token_ids, start)
+        return super().execute(out, seqs)
 
 
 class Reports:
@@ -45,9 +48,9 @@ class Reports:
 
 
 @contextlib.asynccontextmanager
-async def probed(runner: ScriptedRunner) -> AsyncIterator[tuple[Engine, HealthProbe, Reports]]:
+async def probed(runner: ScriptedExecutor) -> AsyncIterator[tuple[Engine, HealthProbe, Reports]]:
     """A started engine on `runner` with a started probe; both stopped after, the gate opened first."""
-    engine = Engine(runner)
+    engine = make_engine(runner)
     engine.start()
     reports = Reports()
     probe = HealthProbe(
@@ -69,7 +72,7 @@ async def test_blocked_model_thread_turns_health_off_and_release_turns_it_back_o
         # An idle, working engine: probes pass and nothing changes.
         await asyncio.sleep(5 * INTERVAL)
         assert reports.values == []
-        assert sum(1 for call in runner.calls if call[1] == "health-probe") >= 2
+        assert len(runner.chunks_of("health-probe")) >= 2
         runner.gate.clear()
         # Slack over interval+timeout for a loaded machine; the probe reports as soon as it knows.
         assert await reports.next(within=20 * (INTERVAL + TIMEOUT)) is False
@@ -83,14 +86,13 @@ async def test_blocked_model_thread_turns_health_off_and_release_turns_it_back_o
 
 
 async def test_busy_engine_is_not_probed_and_stays_healthy() -> None:
-    runner = ScriptedRunner(step_s=INTERVAL / 5)
+    runner = ScriptedExecutor(step_s=INTERVAL / 5)
     async with probed(runner) as (engine, probe, reports):
         # About 20 intervals of steady decoding: progress is the proof, no probe needed.
         await collect(engine, make_seq(max_new=100))
         assert reports.values == []
         assert probe.healthy is True
-        probes = [call for call in runner.calls if call[1] == "health-probe"]
-        assert len(probes) <= 3
+        assert len(runner.chunks_of("health-probe")) <= 3
 
 
 async def test_draining_engine_is_never_reported_healthy_again() -> None:
