@@ -58,7 +58,8 @@ lint: proto
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services/common services/launcher infermesh/cli.py infermesh/client
 	$(VENV)/bin/mypy --strict services/worker/core services/router/placement.py services/router/queues.py \
-		services/router/degradation.py services/router/registry.py services/session/window.py
+		services/router/degradation.py services/router/registry.py services/session/window.py \
+		services/router/rbac.py services/common/apikeys.py
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

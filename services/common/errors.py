@@ -65,6 +65,18 @@ class DeadlineExceeded(DomainError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(DomainError):
+    """No API key, or one that is malformed, unknown or revoked."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(DomainError):
+    """The caller's role does not allow this; the message names what was refused."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Unimplemented(DomainError):
     code = grpc.StatusCode.UNIMPLEMENTED
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import ConfigError, setting
+from services.router.rbac import RoleError, build_roles
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,24 @@ class RouterConfig:
         5.0, "How long an ejected endpoint gets no requests before one probes it again.", min=0.01
     )
 
+    auth_enabled: bool = setting(
+        False,
+        "Require an API key (authorization: Bearer <key> or x-api-key metadata) on every public RPC "
+        "except health and reflection. Off: every caller is tenant 'default' with the admin role.",
+    )
+    auth_cache_s: float = setting(
+        5.0,
+        "How long a key's record is cached; a revoked key stops working on other replicas within this.",
+        min=0.0,
+        max=3600,
+    )
+    roles: list[str] = setting(
+        [],
+        "Extra or overriding roles, each "
+        "'name:rpcs=inference,sessions:models=m1,m2:priorities=standard,batch' (rpcs: inference, "
+        "sessions, batches, status, admin; '*' = all). Built in: admin, user, batch, reader.",
+    )
+
     def check(self) -> None:
         for name in ("worker_addresses", "embedder_addresses"):
             addresses: list[str] = getattr(self, name)
@@ -104,6 +123,12 @@ class RouterConfig:
                 raise ConfigError(f"router.{name}={addresses!r}: addresses must be distinct")
         if self.session_address:
             _check_address("router.session_address", self.session_address)
+        if self.auth_enabled and not self.session_address:
+            raise ConfigError("router.auth_enabled=true: needs session_address (API keys live there)")
+        try:
+            build_roles(self.roles)
+        except RoleError as exc:
+            raise ConfigError(f"router.roles: {exc}") from None
         if self.default_max_tokens > self.max_tokens_limit:
             raise ConfigError(
                 f"router.default_max_tokens={self.default_max_tokens}: "

@@ -18,6 +18,7 @@ from services.common.errors import FailedPrecondition, Unavailable
 from services.common.logs import request_id_var
 from services.router import convert
 from services.router.admission import Admission, Capacity
+from services.router.auth import authorize_model
 from services.router.config import RouterConfig
 from services.router.domain import (
     Degradation,
@@ -96,6 +97,7 @@ class Generation:
         resolved = validate_generate(
             params, self.endpoints.registry.catalog(), self.config.default_chat_model, self.limits
         )
+        authorize_model(resolved.model.id)
         deadline = _Deadline(time_budget(context.time_remaining(), params.deadline, time.time()))
         turn = _Turn(params, request_id, tenant_of(context), deadline)
         await self._load_history(turn)

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import grpc
 
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
+from infermesh.session.v1 import governance_pb2_grpc
 from services.common.server import GrpcServer, serve_forever
+from services.router.admin import AdminServicer
+from services.router.audit import AuditSink
+from services.router.auth import DEFAULT_TENANT, Authenticator, KeyResolver, Principal
 from services.router.config import RouterConfig
 from services.router.endpoints import EndpointMonitor, channel_options
 from services.router.placement import Priors, create_placement_policy
-from services.router.servicer import AdminServicer, InferenceServicer
+from services.router.rbac import build_roles
+from services.router.servicer import InferenceServicer
 from services.router.sessions import SessionClient
+
+logger = logging.getLogger(__name__)
 
 SERVICE_NAMES = [
     router_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -42,20 +50,41 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         eject_s=config.eject_s,
     )
     sessions = None
+    governance = None
     if config.session_address:
         channel = grpc.aio.insecure_channel(
             config.session_address, options=channel_options(config.reconnect_backoff_max_s)
         )
         sessions = SessionClient(config.session_address, channel, config.downstream_timeout_s)
+        governance = governance_pb2_grpc.GovernanceStub(channel)
+    roles = build_roles(config.roles)
+    resolver = KeyResolver(
+        governance, roles, cache_s=config.auth_cache_s, timeout_s=config.downstream_timeout_s
+    )
+    sink = AuditSink(governance, timeout_s=config.downstream_timeout_s)
+    auth = Authenticator(
+        resolver, sink, enabled=config.auth_enabled, anonymous=Principal(DEFAULT_TENANT, roles["admin"])
+    )
+    if config.auth_enabled:
+        logger.info("authentication on: every public RPC needs an API key")
+    else:
+        logger.warning(
+            "authentication OFF (router.auth_enabled=false): every caller acts as tenant %r "
+            "with the admin role",
+            DEFAULT_TENANT,
+        )
     router_id = config.router_id or f"router-{uuid.uuid4().hex[:8]}"
     inference = InferenceServicer(config, endpoints, sessions, router_id)
 
     def register(server: grpc.aio.Server) -> None:
-        router_pb2_grpc.add_InferenceServicer_to_server(inference, server)
-        router_pb2_grpc.add_AdminServicer_to_server(AdminServicer(), server)
+        guarded = auth.guard(server)
+        router_pb2_grpc.add_InferenceServicer_to_server(inference, guarded)
+        admin = AdminServicer(governance, roles, resolver, config.downstream_timeout_s)
+        router_pb2_grpc.add_AdminServicer_to_server(admin, guarded)
 
     async def on_stop() -> None:
         await endpoints.stop()
+        await sink.stop()
         if sessions is not None:
             await sessions.close()
 
@@ -63,6 +92,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         host=config.host, port=config.port, service_names=SERVICE_NAMES, register=register, on_stop=on_stop
     )
     await endpoints.start()
+    sink.start()
     return server
 
 

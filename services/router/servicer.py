@@ -19,6 +19,7 @@ from services.common.errors import (
 )
 from services.common.logs import request_id_var
 from services.router import convert
+from services.router.auth import authorize_model
 from services.router.config import RouterConfig
 from services.router.domain import EndpointKind, ModelKind
 from services.router.endpoints import EndpointMonitor, Placement
@@ -29,7 +30,6 @@ from services.router.tenancy import tenant_of
 from services.router.validation import resolve_model, validate_embed
 
 _BATCHES = "offline batch jobs"
-_ADMIN = "the Admin API"
 _SESSION_HEALTH_TIMEOUT_S = 1.0
 
 
@@ -64,6 +64,7 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
             self.config.max_embed_inputs,
             self.config.max_request_id_chars,
         )
+        authorize_model(model.id)
         outgoing = convert.embed_request_to_pb(request, request_id, model.id)
         timeout = _bounded(self.config.downstream_timeout_s, context.time_remaining())
 
@@ -178,13 +179,6 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
                 EndpointView(self.sessions.address, EndpointKind.SESSION, healthy, detail, None, None, ())
             )
         return convert.cluster_status_to_pb(self.router_id, views)
-
-
-class AdminServicer(router_pb2_grpc.AdminServicer):
-    CreateApiKey = unimplemented(_ADMIN)
-    RevokeApiKey = unimplemented(_ADMIN)
-    ListApiKeys = unimplemented(_ADMIN)
-    DrainEndpoint = unimplemented(_ADMIN)
 
 
 def _require(field: str, value: str) -> None:

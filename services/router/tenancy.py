@@ -1,12 +1,15 @@
-"""Which tenant a call acts for. Until authentication lands every caller is the default
-tenant; this is the one place that decides, so API keys can replace it."""
+"""Which tenant a call acts for: the authenticated API key's (see `auth`), or the default
+tenant when authentication is off. This is the one place that decides."""
 
 from __future__ import annotations
 
 import grpc
 
-DEFAULT_TENANT = "default"
+from services.router.auth import DEFAULT_TENANT, current_principal
+
+__all__ = ["DEFAULT_TENANT", "tenant_of"]
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:
-    return DEFAULT_TENANT
+    principal = current_principal()
+    return DEFAULT_TENANT if principal is None else principal.tenant

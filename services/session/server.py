@@ -8,12 +8,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from infermesh.session.v1 import session_pb2, session_pb2_grpc
+from infermesh.session.v1 import governance_pb2, governance_pb2_grpc, session_pb2, session_pb2_grpc
 from services.common.server import GrpcServer, serve_forever
 from services.session import db, migrate, retention
 from services.session.cache import CachedStore, MemoryWindowCache, WindowCache
 from services.session.config import SessionConfig
 from services.session.crypto import KeyRing, load_key_ring
+from services.session.governance import GovernanceServicer
+from services.session.keys_store import KeysStore
 from services.session.redis_cache import RedisWindowCache
 from services.session.servicer import SessionStoreServicer
 from services.session.sql_store import SqlStore
@@ -23,6 +25,7 @@ from services.session.validation import Limits
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = session_pb2.DESCRIPTOR.services_by_name["SessionStore"].full_name
+GOVERNANCE_NAME = governance_pb2.DESCRIPTOR.services_by_name["Governance"].full_name
 RETRY_MIN_S = 0.2
 
 
@@ -143,11 +146,17 @@ async def create_server(config: SessionConfig) -> SessionServer:
         max_page_size=config.max_page_size,
     )
     servicer = SessionStoreServicer(store, limits, ready=lambda: probe.ready)
+    governance = GovernanceServicer(KeysStore(sql_store.engine), ready=lambda: probe.ready)
+
+    def register(server: Any) -> None:
+        session_pb2_grpc.add_SessionStoreServicer_to_server(servicer, server)
+        governance_pb2_grpc.add_GovernanceServicer_to_server(governance, server)
+
     return SessionServer(
         host=config.host,
         port=config.port,
-        service_names=[SERVICE_NAME],
-        register=lambda server: session_pb2_grpc.add_SessionStoreServicer_to_server(servicer, server),
+        service_names=[SERVICE_NAME, GOVERNANCE_NAME],
+        register=register,
         on_stop=store.close,
         probe=probe,
         store=store,

@@ -79,3 +79,34 @@ messages = sa.Table(
     sa.PrimaryKeyConstraint("session_pk", "seq", name="pk_messages"),
     sa.UniqueConstraint("session_pk", "client_msg_id", name="uq_messages_session_pk_client_msg_id"),
 )
+
+# API keys: only the salted hash of the secret part; the prefix is the public name of a key.
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("prefix", sa.String(32), primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("role", sa.String(64), nullable=False),
+    sa.Column("description", sa.String(512), nullable=False),
+    sa.Column("salt", sa.LargeBinary(), nullable=False),
+    sa.Column("key_hash", sa.LargeBinary(), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("revoked_at", UtcDateTime(), nullable=True),
+    sa.Index("ix_api_keys_tenant", "tenant"),
+)
+
+# Security-relevant events; append-only (database triggers refuse UPDATE and DELETE).
+# Never message content, never keys: a key is named by its prefix.
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    sa.Column("id", BigIntPk, primary_key=True, autoincrement=True),
+    sa.Column("at", UtcDateTime(), nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("key_prefix", sa.String(32), nullable=False),
+    sa.Column("trace_id", sa.String(64), nullable=False),
+    sa.Column("method", sa.String(256), nullable=False),
+    sa.Column("detail", sa.String(1024), nullable=False),
+    sa.Index("ix_audit_log_tenant_id", "tenant", "id"),
+)

@@ -68,10 +68,7 @@ UNBUILT: list[tuple[str, str, Any, str]] = [
     ("Inference", "GetBatch", router_pb2.GetBatchRequest(batch_id="b"), "offline batch jobs"),
     ("Inference", "ListBatches", router_pb2.ListBatchesRequest(), "offline batch jobs"),
     ("Inference", "CancelBatch", router_pb2.CancelBatchRequest(batch_id="b"), "offline batch jobs"),
-    ("Admin", "CreateApiKey", router_pb2.CreateApiKeyRequest(tenant="t"), "the Admin API"),
-    ("Admin", "RevokeApiKey", router_pb2.RevokeApiKeyRequest(), "the Admin API"),
-    ("Admin", "ListApiKeys", router_pb2.ListApiKeysRequest(), "the Admin API"),
-    ("Admin", "DrainEndpoint", router_pb2.DrainEndpointRequest(address="x:1"), "the Admin API"),
+    ("Admin", "DrainEndpoint", router_pb2.DrainEndpointRequest(address="x:1"), "DrainEndpoint"),
 ]
 
 

@@ -21,7 +21,7 @@ from services.session.tables import metadata
 ROOT = Path(__file__).resolve().parents[3]
 ALEMBIC_INI = ROOT / "services" / "session" / "alembic.ini"
 # The newest revision: every upgrade in these tests should reach it.
-HEAD = "0002"
+HEAD = "0003"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -50,7 +50,13 @@ async def test_upgrade_builds_the_schema_of_the_models(empty_url):
 
     await migrate.upgrade(empty_url)
     assert await migrate.current(empty_url) == HEAD
-    assert await inspect(empty_url, table_names) == {"sessions", "messages", migrate.VERSION_TABLE}
+    assert await inspect(empty_url, table_names) == {
+        "sessions",
+        "messages",
+        "api_keys",
+        "audit_log",
+        migrate.VERSION_TABLE,
+    }
 
     def schema_diff(conn: sa.Connection) -> list[Any]:
         context = MigrationContext.configure(
@@ -89,7 +95,13 @@ async def test_alembic_downgrade_base_and_back(empty_url):
     assert await migrate.current(empty_url) is None
 
     await migrate.upgrade(empty_url)
-    assert await inspect(empty_url, table_names) == {"sessions", "messages", migrate.VERSION_TABLE}
+    assert await inspect(empty_url, table_names) == {
+        "sessions",
+        "messages",
+        "api_keys",
+        "audit_log",
+        migrate.VERSION_TABLE,
+    }
 
 
 async def test_migrate_command_creates_the_embedded_database(tmp_path):
