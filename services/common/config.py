@@ -165,3 +165,18 @@ def describe(cls: type) -> list[tuple[str, str, Any]]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         out.append((f.name, f.metadata.get("doc", ""), default))
     return out
+
+
+def metrics_port_setting() -> Any:
+    """The `metrics_port` field every service config has."""
+    return setting(
+        0,
+        "Port of the Prometheus /metrics HTTP endpoint, on the same host as the gRPC API; 0 = off.",
+        min=0,
+        max=65535,
+    )
+
+
+def otlp_endpoint_setting() -> Any:
+    """The `otlp_endpoint` field every service config has."""
+    return setting("", "host:port of an OTLP/gRPC collector that receives traces; empty = tracing off.")

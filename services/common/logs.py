@@ -12,6 +12,8 @@ import json
 import logging
 import sys
 
+from services.common.telemetry import trace_ids
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 trace_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", default="")
 tenant_var: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="")
@@ -36,6 +38,9 @@ class JsonFormatter(logging.Formatter):
             value = var.get()
             if value:
                 entry[key] = value
+        trace_id, span_id = trace_ids()
+        if trace_id:
+            entry["trace_id"], entry["span_id"] = trace_id, span_id
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

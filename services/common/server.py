@@ -15,6 +15,10 @@ from collections.abc import Awaitable, Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.registry import Collector
+
+from services.common.metrics import MetricsEndpoint
+from services.common.telemetry import server_interceptors
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +44,15 @@ class GrpcServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_drain: Callable[[], Awaitable[None]] | None = None,
         on_stop: Callable[[], Awaitable[None]] | None = None,
+        metrics_port: int = 0,
+        collectors: Iterable[Collector] = (),
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=options, interceptors=server_interceptors())
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -66,9 +72,12 @@ class GrpcServer:
         self._on_drain = on_drain
         self._on_stop = on_stop
         self._stopped = asyncio.Event()
+        # The process's series plus this server's own (its load report); port 0 = off.
+        self.metrics = MetricsEndpoint(host, metrics_port, collectors)
 
     async def start(self, serving: bool = True) -> None:
         await self.server.start()
+        self.metrics.start()
         # The health servicer answers SERVING for "" by default; say the truth from the start.
         await self.set_serving(serving)
 
@@ -94,6 +103,7 @@ class GrpcServer:
             except TimeoutError:
                 logger.warning("drain did not finish within %.1fs", grace)
         await self.server.stop(grace)
+        await asyncio.to_thread(self.metrics.stop)
         if self._on_stop is not None:
             await self._on_stop()
 

@@ -9,6 +9,7 @@ import sys
 
 from services.common.config import ConfigError, load_config
 from services.common.logs import configure_logging
+from services.common.telemetry import configure_tracing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid configuration: {exc}", file=sys.stderr)
         return 2
     configure_logging("embedder", config.log_level)
+    configure_tracing("embedder", config.otlp_endpoint)
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:

@@ -19,6 +19,7 @@ from typing import Generic, TypeVar, cast
 from services.common.errors import Unavailable
 from services.embedder.batching import Batch, BatchQueue, Job
 from services.embedder.meter import RateMeter
+from services.embedder.metrics import BATCH_SIZE, BATCH_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ class Batcher(Generic[V]):
             else:
                 self._batches += 1
                 self._sizes[len(batch)] += 1
+                BATCH_SIZE.observe(len(batch))
+                BATCH_TOKENS.observe(batch.cost)
                 self._meter.add(len(batch), self._clock())
                 for job in finished:
                     self._settle(job, None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.config import setting
+from services.common.config import metrics_port_setting, otlp_endpoint_setting, setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -12,6 +12,8 @@ class EmbedderConfig:
     host: str = setting("127.0.0.1", "Address to listen on.")
     port: int = setting(50054, "Port to listen on; 0 picks a free one.", min=0, max=65535)
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    metrics_port: int = metrics_port_setting()
+    otlp_endpoint: str = otlp_endpoint_setting()
     grace_s: float = setting(10.0, "Seconds to finish in-flight work on SIGTERM.", min=0, max=600)
     endpoint_id: str = setting("", "Name in load reports; empty means '<hostname>:<port>'.")
     model_id: str = setting("all-minilm-l6-v2", "Model name clients put in `model`.")

@@ -6,7 +6,9 @@ import asyncio
 import logging
 import socket
 
+from services.common.metrics import LoadReportCollector
 from services.common.server import GrpcServer, serve_forever
+from services.embedder import convert
 from services.embedder.cache import create_cache
 from services.embedder.config import EmbedderConfig
 from services.embedder.engine import EmbedEngine
@@ -52,6 +54,11 @@ async def create_server(config: EmbedderConfig) -> GrpcServer:
             register=lambda s: add_to_server(servicer, s),
             on_drain=engine.drain,
             on_stop=engine.close,
+            metrics_port=config.metrics_port,
+            # The numbers StreamLoad sends the routers, read where it reads them.
+            collectors=[
+                LoadReportCollector(lambda: convert.load_report_to_pb(servicer.endpoint_id, engine.load()))
+            ],
         )
     except BaseException:
         await engine.close()

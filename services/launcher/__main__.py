@@ -16,6 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", default=".run", help="pid files, logs and the SQLite database")
     parser.add_argument("--base-port", type=int, default=50051, help="router port; the others follow it")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for SERVING")
+    parser.add_argument(
+        "--metrics-base-port",
+        type=int,
+        default=9451,
+        help="router's Prometheus /metrics port; session, worker, embedder follow it (0 = none)",
+    )
     args = parser.parse_args(argv)
 
     base = args.base_port
@@ -25,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         session_port=base + 1,
         worker_port=base + 2,
         embedder_port=base + 3,
+        metrics_ports=(
+            {s: args.metrics_base_port + i for i, s in enumerate(("router", "session", "worker", "embedder"))}
+            if args.metrics_base_port
+            else {}
+        ),
     )
     mesh = Mesh(spec)
 

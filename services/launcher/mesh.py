@@ -37,6 +37,8 @@ class MeshSpec:
     log_level: str = "info"
     # Extra environment for every process (e.g. a database URL, a dtype).
     extra_env: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Prometheus /metrics port per service; a service left out serves none.
+    metrics_ports: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def port(self, service: str) -> int:
         return int(getattr(self, f"{service}_port"))
@@ -51,6 +53,8 @@ class MeshSpec:
             f"{prefix}PORT": str(self.port(service)),
             f"{prefix}LOG_LEVEL": self.log_level,
         }
+        if service in self.metrics_ports:
+            env[f"{prefix}METRICS_PORT"] = str(self.metrics_ports[service])
         if service == "session":
             env[f"{prefix}STATE_DIR"] = str(self.state_dir)
         if service == "router":

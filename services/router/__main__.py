@@ -8,6 +8,7 @@ import sys
 
 from services.common.config import ConfigError, load_config
 from services.common.logs import configure_logging
+from services.common.telemetry import configure_tracing
 from services.router.config import RouterConfig
 from services.router.server import serve
 
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"router: {exc}", file=sys.stderr)
         return 2
     configure_logging("router", config.log_level)
+    configure_tracing("router", config.otlp_endpoint)
     asyncio.run(serve(config))
     return 0
 

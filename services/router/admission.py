@@ -16,6 +16,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
 from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.common.telemetry import span
+from services.router.metrics import QUEUE_WAIT, SHED, priority_label
 from services.router.queues import QueuedRequest, RequestQueue
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,14 @@ class Admission:
         # No usable worker at all: let dispatch say so (UNAVAILABLE) instead of queueing.
         if capacity.slots <= 0 or (self.inflight < capacity.slots and not self.queue):
             self.inflight += 1
+            QUEUE_WAIT.labels(priority_label(request.priority)).observe(0)
         else:
-            await self._wait(request, capacity, timeout_s)
+            started = self.clock()
+            try:
+                with span("queue wait", priority=request.priority.name):
+                    await self._wait(request, capacity, timeout_s)
+            finally:
+                QUEUE_WAIT.labels(priority_label(request.priority)).observe(self.clock() - started)
         try:
             yield
         finally:
@@ -103,6 +111,7 @@ class Admission:
             waiter.set_result(None)
 
     def _too_long(self, queue_name: str, waited_s: float) -> ResourceExhausted:
+        SHED.labels(queue_name.lower(), "max_wait").inc()
         return ResourceExhausted(
             f"waited {waited_s:.1f}s in the {queue_name} queue, its longest wait",
             self.queue.config.min_retry_after_ms,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import ConfigError, setting
+from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, setting
 from services.router.rbac import RoleError, build_roles
 
 
@@ -14,6 +14,8 @@ class RouterConfig:
     host: str = setting("127.0.0.1", "Interface the public gRPC API listens on.")
     port: int = setting(50051, "Port of the public gRPC API; 0 picks a free one.", min=0, max=65535)
     log_level: str = setting("info", "Log level.", choices=["debug", "info", "warning", "error"])
+    metrics_port: int = metrics_port_setting()
+    otlp_endpoint: str = otlp_endpoint_setting()
     grace_s: float = setting(10.0, "Seconds in-flight streams get to finish on shutdown.", min=0)
     router_id: str = setting("", "Name of this replica in cluster status; empty generates one.")
 

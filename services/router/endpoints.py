@@ -21,8 +21,10 @@ from infermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
 from infermesh.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.common.errors import Unavailable
 from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
+from services.common.telemetry import client_interceptors, span
 from services.router import convert
 from services.router.domain import EndpointKind
+from services.router.metrics import FAILOVERS
 from services.router.placement import Ask, PlacementPolicy, create_placement_policy, fitting
 from services.router.registry import Registry
 
@@ -110,7 +112,7 @@ class EndpointMonitor:
     async def start(self) -> None:
         for address, kind in self._kinds.items():
             self._channels[address] = grpc.aio.insecure_channel(
-                address, options=channel_options(self.backoff_max_s)
+                address, options=channel_options(self.backoff_max_s), interceptors=client_interceptors()
             )
             self._tasks.append(asyncio.create_task(self._follow(address, kind), name=f"follow {address}"))
 
@@ -131,7 +133,10 @@ class EndpointMonitor:
         self, kind: EndpointKind, model_id: str, exclude: frozenset[str] = frozenset(), ask: Ask | None = None
     ) -> Placement:
         """Address of the endpoint that gets the request; UNAVAILABLE naming the model if none can."""
-        ask = ask or Ask()
+        with span("placement", kind=kind.value, model=model_id):
+            return self._place(kind, model_id, exclude, ask or Ask())
+
+    def _place(self, kind: EndpointKind, model_id: str, exclude: frozenset[str], ask: Ask) -> Placement:
         now = self.clock()
         candidates = self.registry.candidates(kind, model_id, now, exclude)
         if not candidates:
@@ -187,6 +192,7 @@ class EndpointMonitor:
                 if self.registry.on_error(address, self.clock()):
                     logger.warning("%s %s ejected after repeated failures", kind.value, address)
                 logger.warning("%s %s unavailable for a request: %s", kind.value, address, exc.details())
+                FAILOVERS.labels(kind.value, "unavailable_at_dispatch").inc()
                 continue
             if not hold:
                 self.release(placement)

@@ -15,7 +15,8 @@ import grpc
 
 from infermesh.router.v1 import router_pb2
 from services.common.errors import FailedPrecondition, Unavailable
-from services.common.logs import request_id_var
+from services.common.logs import request_id_var, tenant_var
+from services.common.telemetry import span
 from services.router import convert
 from services.router.admission import Admission, Capacity
 from services.router.auth import authorize_model
@@ -99,7 +100,10 @@ class Generation:
         )
         authorize_model(resolved.model.id)
         deadline = _Deadline(time_budget(context.time_remaining(), params.deadline, time.time()))
-        turn = _Turn(params, request_id, tenant_of(context), deadline)
+        with span("auth"):
+            tenant = tenant_of(context)
+        tenant_var.set(tenant)
+        turn = _Turn(params, request_id, tenant, deadline)
         await self._load_history(turn)
         messages = merge_history(turn.window, params.messages, request_id)
         worker_req = convert.worker_request_to_pb(
@@ -133,9 +137,10 @@ class Generation:
         if self.sessions is None:
             raise FailedPrecondition(f"session_id: {NO_SESSION_SERVICE}")
         try:
-            turn.window = await self.sessions.window(
-                turn.tenant, session_id, self.config.history_token_budget, turn.deadline.remaining()
-            )
+            with span("session read"):
+                turn.window = await self.sessions.window(
+                    turn.tenant, session_id, self.config.history_token_budget, turn.deadline.remaining()
+                )
             turn.record = True
         except SessionUnavailable as exc:
             logger.warning("answering without history: %s", exc.message)
@@ -200,9 +205,10 @@ class Generation:
         assert self.sessions is not None and turn.params.session_id is not None
         turns = turns_to_append(turn.params.messages, reply, turn.request_id, completion_tokens)
         try:
-            await self.sessions.append_turns(
-                turn.tenant, turn.params.session_id, turns, turn.deadline.remaining()
-            )
+            with span("session append"):
+                await self.sessions.append_turns(
+                    turn.tenant, turn.params.session_id, turns, turn.deadline.remaining()
+                )
         except SessionUnavailable as exc:
             reason = exc.message
         except grpc.aio.AioRpcError as exc:

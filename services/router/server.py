@@ -10,11 +10,13 @@ import grpc
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from infermesh.session.v1 import governance_pb2_grpc
 from services.common.server import GrpcServer, serve_forever
+from services.common.telemetry import client_interceptors
 from services.router.admin import AdminServicer
 from services.router.audit import AuditSink
 from services.router.auth import DEFAULT_TENANT, Authenticator, KeyResolver, Principal
 from services.router.config import RouterConfig
 from services.router.endpoints import EndpointMonitor, channel_options
+from services.router.metrics import RouterCollector
 from services.router.placement import Priors, create_placement_policy
 from services.router.rbac import build_roles
 from services.router.servicer import InferenceServicer
@@ -53,7 +55,9 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     governance = None
     if config.session_address:
         channel = grpc.aio.insecure_channel(
-            config.session_address, options=channel_options(config.reconnect_backoff_max_s)
+            config.session_address,
+            options=channel_options(config.reconnect_backoff_max_s),
+            interceptors=client_interceptors(),
         )
         sessions = SessionClient(config.session_address, channel, config.downstream_timeout_s)
         governance = governance_pb2_grpc.GovernanceStub(channel)
@@ -89,7 +93,13 @@ async def create_server(config: RouterConfig) -> GrpcServer:
             await sessions.close()
 
     server = GrpcServer(
-        host=config.host, port=config.port, service_names=SERVICE_NAMES, register=register, on_stop=on_stop
+        host=config.host,
+        port=config.port,
+        service_names=SERVICE_NAMES,
+        register=register,
+        on_stop=on_stop,
+        metrics_port=config.metrics_port,
+        collectors=[RouterCollector(inference.generation.admission, endpoints)],
     )
     await endpoints.start()
     sink.start()

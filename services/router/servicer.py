@@ -18,12 +18,13 @@ from services.common.errors import (
     unimplemented,
 )
 from services.common.logs import request_id_var
-from services.router import convert
+from services.router import convert, metrics
 from services.router.auth import authorize_model
 from services.router.config import RouterConfig
 from services.router.domain import EndpointKind, ModelKind
 from services.router.endpoints import EndpointMonitor, Placement
 from services.router.generation import NO_SESSION_SERVICE, Generation
+from services.router.queues import Priority
 from services.router.registry import EndpointView
 from services.router.sessions import SessionClient
 from services.router.tenancy import tenant_of
@@ -47,7 +48,8 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        async for response in self.generation.stream(request, context):
+        stream = self.generation.stream(request, context)
+        async for response in metrics.observe_generate(request, tenant_of(context), stream):
             yield response
 
     @grpc_errors
@@ -178,7 +180,10 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
             views.append(
                 EndpointView(self.sessions.address, EndpointKind.SESSION, healthy, detail, None, None, ())
             )
-        return convert.cluster_status_to_pb(self.router_id, views)
+        status = convert.cluster_status_to_pb(self.router_id, views)
+        queue = self.generation.admission.queue
+        status.queues.extend(router_pb2.QueueDepth(priority=int(p), depth=queue.depth(p)) for p in Priority)
+        return status
 
 
 def _require(field: str, value: str) -> None:

@@ -12,6 +12,7 @@ import logging
 from services.common import apikeys
 from services.common.config import ConfigError, load_config
 from services.common.logs import configure_logging
+from services.common.telemetry import configure_tracing
 from services.session import db, migrate
 from services.session.config import SessionConfig
 from services.session.crypto import load_key_ring
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.exit(2, f"config error: {exc}\n")
     configure_logging("session", config.log_level)
+    configure_tracing("session", config.otlp_endpoint)
 
     if args.command == "migrate":
         url = db.resolve_url(config.database_url, config.state_dir)

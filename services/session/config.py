@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import ConfigError, setting
+from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, setting
 from services.session.crypto import KeyRing, KeyRingError
 
 
@@ -13,6 +13,8 @@ class SessionConfig:
     host: str = setting("127.0.0.1", "Address the gRPC server binds.")
     port: int = setting(50052, "gRPC port; 0 picks a free one.", min=0, max=65535)
     log_level: str = setting("info", "Log level.", choices=["debug", "info", "warning", "error"])
+    metrics_port: int = metrics_port_setting()
+    otlp_endpoint: str = otlp_endpoint_setting()
     grace_s: float = setting(10.0, "Seconds to finish in-flight calls on shutdown.", min=0, max=600)
     database_url: str = setting(
         "",

@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from services.common.errors import Aborted, Unavailable
+from services.session.metrics import BACKEND_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +109,13 @@ def db_errors() -> Iterator[None]:
         OSError,
         TimeoutError,
     ) as exc:
+        BACKEND_ERRORS.labels("database", type(exc).__name__).inc()
         logger.warning("database unavailable: %s", describe(exc))
         raise Unavailable("session database unavailable; retry later") from exc
     except sa_exc.DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
+        BACKEND_ERRORS.labels("database", type(exc).__name__).inc()
         logger.warning("database connection lost: %s", describe(exc))
         raise Unavailable("session database connection lost; retry later") from exc
 

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from services.session.cache import CacheUnavailable
 from services.session.crypto import DecryptError, KeyRing
+from services.session.metrics import BACKEND_ERRORS
 from services.session.model import Message, Role, Window
 
 VERSION_FIELD = "v"
@@ -110,6 +111,7 @@ class RedisWindowCache:
             async with asyncio.timeout(self._timeout_s * calls):
                 yield
         except (RedisError, OSError, TimeoutError) as exc:
+            BACKEND_ERRORS.labels("redis", type(exc).__name__).inc()
             raise CacheUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def get(self, tenant: str, session_id: str, token_budget: int) -> Window | None:

@@ -161,6 +161,7 @@ async def create_server(config: SessionConfig) -> SessionServer:
         probe=probe,
         store=store,
         retention_interval_s=config.retention_interval_s,
+        metrics_port=config.metrics_port,
     )
 
 

@@ -8,6 +8,7 @@ import os
 
 from services.common.config import load_config
 from services.common.logs import configure_logging
+from services.common.telemetry import configure_tracing
 from services.worker.config import WorkerConfig
 
 
@@ -19,6 +20,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     config = load_config(WorkerConfig, "worker", path=args.config)
     configure_logging("worker", config.log_level)
+    configure_tracing("worker", config.otlp_endpoint)
     from services.worker.server import serve
 
     asyncio.run(serve(config))

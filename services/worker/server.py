@@ -9,7 +9,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 from infermesh.worker.v1 import worker_pb2_grpc
+from services.common.metrics import LoadReportCollector
 from services.common.server import GrpcServer, serve_forever
+from services.worker import convert
 from services.worker.config import WorkerConfig
 from services.worker.service import WorkerService
 from services.worker.servicer import SERVICE_NAME, WorkerServicer
@@ -40,6 +42,9 @@ def build_server(config: WorkerConfig, service: WorkerService) -> GrpcServer:
         register=lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
         on_drain=service.drain_and_wait,
         on_stop=service.stop,
+        metrics_port=config.metrics_port,
+        # The numbers StreamLoad sends the routers, read where it reads them.
+        collectors=[LoadReportCollector(lambda: convert.load_to_pb(service.load_report()))],
     )
     service.endpoint_id = config.endpoint_id or f"{socket.gethostname()}:{server.port}"
     servicer.on_drain = lambda: server.set_serving(False)
