@@ -57,6 +57,10 @@ class MetricsEndpoint:
         for collector in self.collectors:
             yield from collector.collect()
 
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
     def start(self) -> None:
         if self.port == 0 or self._server is not None:
             return

@@ -97,6 +97,31 @@ class RouterConfig:
     eject_s: float = setting(
         5.0, "How long an ejected endpoint gets no requests before one probes it again.", min=0.01
     )
+    stall_timeout_s: float = setting(
+        5.0,
+        "A worker stream that sends nothing for this long once tokens flow (or, before the first "
+        "token, once its worker stops reporting) is moved to another worker, resumed from the "
+        "tokens already delivered.",
+        min=0.05,
+    )
+    failover_attempts: int = setting(
+        3, "Workers one Generate may be tried on in all, when streams break or stall.", min=1, max=10
+    )
+    degradation_thresholds_s: list[float] = setting(
+        [2.0, 4.0, 6.0, 10.0, 20.0],
+        "Predicted wait (tokens waiting at the workers and in the queue over their measured speed) "
+        "at which each degradation step starts: cap max_tokens, fallback model, cached replies, "
+        "hold BATCH, refuse.",
+    )
+    degraded_max_tokens: int = setting(
+        128, "max_tokens of STANDARD and BATCH requests once the ladder caps it.", min=1
+    )
+    reply_cache_entries: int = setting(
+        1024, "Replies of deterministic requests kept for the cached-reply step (0 = none).", min=0
+    )
+    batch_hold_max_s: float = setting(
+        30.0, "Longest a BATCH request is held back while the ladder holds BATCH.", min=0
+    )
 
     auth_enabled: bool = setting(
         False,
@@ -131,6 +156,11 @@ class RouterConfig:
             build_roles(self.roles)
         except RoleError as exc:
             raise ConfigError(f"router.roles: {exc}") from None
+        thresholds = self.degradation_thresholds_s
+        if len(thresholds) != 5 or thresholds != sorted(thresholds) or thresholds[0] <= 0:
+            raise ConfigError(
+                f"router.degradation_thresholds_s={thresholds!r}: must be 5 positive, increasing seconds"
+            )
         if self.default_max_tokens > self.max_tokens_limit:
             raise ConfigError(
                 f"router.default_max_tokens={self.default_max_tokens}: "

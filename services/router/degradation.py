@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.router.domain import Degradation, DegradationStep
+from services.router.domain import Degradation, DegradationStep, ModelSpec
 from services.router.queues import Priority
 
 
@@ -100,7 +101,7 @@ class Ladder:
         if request.priority is Priority.CRITICAL or rung is Rung.NORMAL:
             return Decision(rung, request.max_tokens)
         if rung >= Rung.REFUSE:
-            return Decision(rung, request.max_tokens, refuse_retry_after_ms=self._retry_after_ms(wait))
+            return Decision(rung, request.max_tokens, refuse_retry_after_ms=self.retry_after_ms(wait))
         if rung >= Rung.HOLD_BATCH and request.priority is Priority.BATCH:
             return Decision(rung, request.max_tokens, hold=True)
         why = f"overloaded: predicted wait {wait:.1f}s"
@@ -119,9 +120,32 @@ class Ladder:
             steps.append(Degradation(DegradationStep.FALLBACK_MODEL, f"{why}; served by {model}"))
         return Decision(rung, max_tokens, model=model, steps=tuple(steps))
 
-    def _retry_after_ms(self, wait_s: float) -> int:
+    def retry_after_ms(self, wait_s: float) -> int:
         # Come back when the backlog should have drained below the refusal rung.
         excess = wait_s - self.config.thresholds_s[Rung.REFUSE - 1] * (1 - self.config.step_down_margin)
         if not math.isfinite(excess):
             excess = self.config.thresholds_s[-1]
         return max(self.config.min_retry_after_ms, math.ceil(excess * 1000))
+
+
+# Size tiers of the model catalog, smallest first.
+TIERS = ("small", "medium", "large")
+
+
+def fallback_model(model: ModelSpec, catalog: Sequence[ModelSpec], needed_tokens: int) -> str | None:
+    """The next smaller tier's model for `model` (the largest tier below its own) that can
+    hold `needed_tokens` (prompt + max_tokens); None when the catalog has none."""
+    if model.tier not in TIERS:
+        return None
+    rank = TIERS.index(model.tier)
+    smaller = [
+        m
+        for m in catalog
+        if m.kind is model.kind
+        and m.tier in TIERS
+        and TIERS.index(m.tier) < rank
+        and (not m.context_length or m.context_length >= needed_tokens)
+    ]
+    if not smaller:
+        return None
+    return max(smaller, key=lambda m: TIERS.index(m.tier)).id

@@ -8,19 +8,19 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import grpc
 
 from infermesh.router.v1 import router_pb2
-from services.common.errors import FailedPrecondition, Unavailable
+from services.common.errors import FailedPrecondition
 from services.common.logs import request_id_var, tenant_var
 from services.common.telemetry import span
 from services.router import convert
 from services.router.admission import Admission, Capacity
 from services.router.auth import authorize_model
 from services.router.config import RouterConfig
+from services.router.degradation import Ladder, LadderConfig, Load
 from services.router.domain import (
     Degradation,
     DegradationStep,
@@ -28,10 +28,13 @@ from services.router.domain import (
     GenerateParams,
     HistoryMessage,
 )
-from services.router.endpoints import EndpointMonitor, Placement
+from services.router.endpoints import EndpointMonitor
+from services.router.failover import Failover, Relayed
 from services.router.history import merge_history, turns_to_append
+from services.router.overload import Overload, cached_reply, cached_stream
 from services.router.placement import Ask, HardwareNeeds
 from services.router.queues import QueueConfig, QueuedRequest, create_request_queue, effective_priority
+from services.router.reply_cache import ReplyCache
 from services.router.sessions import SessionClient, SessionUnavailable
 from services.router.tenancy import tenant_of
 from services.router.validation import GenerateLimits, time_budget, validate_generate
@@ -81,6 +84,21 @@ class Generation:
         )
         queue = create_request_queue(config.queue_policy, QueueConfig(aging_s=config.queue_aging_s))
         self.admission = Admission(queue, self._capacity, endpoints.clock)
+        self.failover = Failover(
+            endpoints, stall_timeout_s=config.stall_timeout_s, attempts=config.failover_attempts
+        )
+        self.overload = Overload(
+            Ladder(
+                LadderConfig(
+                    thresholds_s=tuple(config.degradation_thresholds_s),  # type: ignore[arg-type]
+                    capped_max_tokens=config.degraded_max_tokens,
+                )
+            ),
+            ReplyCache(config.reply_cache_entries),
+            self._load,
+            max_hold_s=config.batch_hold_max_s,
+            clock=endpoints.clock,
+        )
 
     def _capacity(self) -> Capacity:
         registry = self.endpoints.registry
@@ -88,6 +106,13 @@ class Generation:
             EndpointKind.WORKER, self.endpoints.clock(), self.config.prior_decode_tokens_per_s
         )
         return Capacity(workers * self.config.max_streams_per_worker, tokens_per_s)
+
+    def _load(self) -> Load:
+        """Tokens waiting to start (at the workers, in this router's queue) and how fast they go."""
+        registry, now = self.endpoints.registry, self.endpoints.clock()
+        _, tokens_per_s = registry.throughput(EndpointKind.WORKER, now, self.config.prior_decode_tokens_per_s)
+        waiting = registry.waiting_tokens(EndpointKind.WORKER, now) + self.admission.queue.queued_tokens()
+        return Load(waiting, tokens_per_s)
 
     async def stream(
         self, req: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -115,6 +140,22 @@ class Generation:
             session_id=params.session_id,
             needs=HardwareNeeds(context_tokens=resolved.max_tokens),
         )
+        plan = await self.overload.plan(
+            worker_req,
+            resolved.model,
+            self.endpoints.registry.catalog(),
+            effective_priority(params.priority),
+            allow_fallback=req.allow_fallback,
+            prompt_tokens=ask.prompt_tokens,
+            remaining=deadline.remaining,
+        )
+        turn.degraded.extend(plan.steps)
+        if plan.cached is not None:
+            async for out in self._relay(cached_stream(plan.cached), plan.model, turn):
+                yield out
+            return
+        worker_req.model, worker_req.max_tokens = plan.model, plan.max_tokens
+        ask = replace(ask, max_tokens=plan.max_tokens)
         remaining = deadline.remaining()
         now = self.admission.clock()
         queued = QueuedRequest(
@@ -126,7 +167,8 @@ class Generation:
             deadline=None if remaining is None else now + remaining,
         )
         async with self.admission.slot(queued, remaining):
-            async for out in self._relay(worker_req, resolved.model.id, turn, ask):
+            relayed = self.failover.stream(worker_req, plan.model, ask, deadline.remaining)
+            async for out in self._relay(relayed, plan.model, turn, plan.cache_key):
                 yield out
 
     async def _load_history(self, turn: _Turn) -> None:
@@ -148,57 +190,38 @@ class Generation:
             turn.degraded.append(Degradation(DegradationStep.HISTORY_UNAVAILABLE, reason))
 
     async def _relay(
-        self, worker_req: Any, model_id: str, turn: _Turn, ask: Ask
+        self, stream: AsyncIterator[Relayed], model_id: str, turn: _Turn, cache_key: str | None = None
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        """Stream the worker's reply through as it comes; record the turn before the last message."""
-        address = ""
-        placement: Placement | None = None
-
-        async def open_stream(placed: Placement) -> tuple[Any, Any]:
-            nonlocal address, placement
-            address, placement = placed.address, placed
-            call = self.endpoints.stub(address).Generate(worker_req, timeout=turn.deadline.remaining())
-            try:
-                return call, await call.read()
-            except BaseException:
-                call.cancel()
-                raise
-
-        call = None
-        try:
-            call, resp = await self.endpoints.dispatch(
-                EndpointKind.WORKER, model_id, open_stream, self.config.dispatch_attempts, ask, hold=True
-            )
-            reply: list[str] = []
-            first = True
-            while resp is not grpc.aio.EOF:
-                out = convert.generate_response_to_pb(resp, turn.request_id)
-                if first:
-                    first = False
-                    out.model = resp.model or model_id
-                    out.worker = address
-                    out.session_id = turn.params.session_id or ""
-                    out.degraded.extend(convert.degradation_to_pb(d) for d in turn.degraded)
-                reply.append(resp.text)
-                if convert.is_final(resp):
-                    if turn.record and convert.finished_normally(resp):
-                        # Recorded before the client sees the end, so its next turn finds this one.
-                        note = await self._record(turn, "".join(reply), resp.usage.completion_tokens)
-                        if note is not None:
-                            out.degraded.append(convert.degradation_to_pb(note))
-                    yield out
-                    return
-                yield out
-                resp = await call.read()
-            raise Unavailable(f"worker {address} ended the stream without a finish reason")
-        except grpc.aio.AioRpcError as exc:
-            raise _worker_error(exc, address) from None
-        finally:
-            if call is not None:
-                # Also reached when the client cancels: the worker stops generating at once.
-                call.cancel()
-                assert placement is not None
-                self.endpoints.release(placement)
+        """Pass the reply through as it comes (from workers, moving to another one when one
+        breaks, or from the reply cache); record the turn before the last message."""
+        reply: list[str] = []
+        token_ids: list[int] = []
+        first = True
+        async for relayed in stream:
+            resp = relayed.resp
+            out = convert.generate_response_to_pb(resp, turn.request_id)
+            if first:
+                first = False
+                out.model = resp.model or model_id
+                out.session_id = turn.params.session_id or ""
+                out.degraded.extend(convert.degradation_to_pb(d) for d in turn.degraded)
+            if relayed.moved is not None or not reply:
+                out.worker = relayed.address
+            if relayed.moved is not None:
+                out.degraded.append(convert.degradation_to_pb(relayed.moved))
+            reply.append(resp.text)
+            token_ids.extend(resp.token_ids)
+            if convert.is_final(resp) and convert.finished_normally(resp):
+                if cache_key is not None:
+                    self.overload.remember(
+                        cache_key, cached_reply(resp, out.model or model_id, reply, token_ids)
+                    )
+                if turn.record:
+                    # Recorded before the client sees the end, so its next turn finds this one.
+                    note = await self._record(turn, "".join(reply), resp.usage.completion_tokens)
+                    if note is not None:
+                        out.degraded.append(convert.degradation_to_pb(note))
+            yield out
 
     async def _record(self, turn: _Turn, reply: str, completion_tokens: int) -> Degradation | None:
         """Append the turn; a failure degrades the answer instead of failing it."""
@@ -226,11 +249,3 @@ class Generation:
 def estimate_tokens(*texts: str) -> int:
     """Rough token count for placement only: about four characters a token in English."""
     return sum(len(t) for t in texts) // 4
-
-
-def _worker_error(exc: grpc.aio.AioRpcError, address: str) -> Exception:
-    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable(f"worker {address} failed ({exc.code().name}: {exc.details()})")
-    # The worker's own verdicts (INVALID_ARGUMENT for a prompt over the context,
-    # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ...) reach the caller unchanged.
-    return exc

@@ -154,6 +154,15 @@ class Registry:
                 out.append(_candidate(state, state.load, model))
         return out
 
+    def waiting_tokens(self, kind: EndpointKind, now: float) -> int:
+        """Tokens queued at the usable endpoints of `kind` and not started yet: the work a new
+        request waits behind (running sequences do not delay it in a batching worker)."""
+        return sum(
+            state.load.waiting_tokens
+            for state in self._endpoints.values()
+            if state.kind is kind and state.load is not None and self._assess(state, now)[0]
+        )
+
     def throughput(self, kind: EndpointKind, now: float, prior_tokens_per_s: float) -> tuple[int, float]:
         """Usable endpoints of `kind` and their summed decode speed (the prior where unmeasured)."""
         usable = [s for s in self._endpoints.values() if s.kind is kind and self._assess(s, now)[0]]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -18,40 +17,30 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from services.launcher.mesh import SERVICES, Mesh, MeshSpec
+from tests.e2e.meshes import free_port, router_stub, running_mesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     spec = MeshSpec(
         state_dir=tmp_path_factory.mktemp("mesh"),
-        router_port=_free_port(),
-        session_port=_free_port(),
-        worker_port=_free_port(),
-        embedder_port=_free_port(),
+        router_port=free_port(),
+        session_port=free_port(),
+        worker_port=free_port(),
+        embedder_port=free_port(),
     )
-    m = Mesh(spec)
-    m.start()
-    try:
+    with running_mesh(spec) as m:
         yield m
-    finally:
-        m.stop()
 
 
 @pytest.fixture(scope="module")
 async def stub(mesh: Mesh) -> AsyncIterator[router_pb2_grpc.InferenceStub]:
-    await mesh.wait_ready(timeout=300)
-    async with grpc.aio.insecure_channel(mesh.spec.address("router")) as channel:
-        yield router_pb2_grpc.InferenceStub(channel)
+    async with router_stub(mesh) as stub:
+        yield stub
 
 
 def _user(text: str) -> common_pb2.ChatMessage:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,17 +24,12 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from services.launcher.mesh import SERVICES, Mesh, MeshSpec
+from tests.e2e.meshes import free_port, router_stub, running_mesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[3]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -91,30 +85,25 @@ async def collector() -> AsyncIterator[tuple[Collector, str]]:
 def mesh(tmp_path_factory: pytest.TempPathFactory, collector: tuple[Collector, str]) -> Iterator[Mesh]:
     spec = MeshSpec(
         state_dir=tmp_path_factory.mktemp("observed-mesh"),
-        router_port=_free_port(),
-        session_port=_free_port(),
-        worker_port=_free_port(),
-        embedder_port=_free_port(),
-        metrics_ports={service: _free_port() for service in SERVICES},
+        router_port=free_port(),
+        session_port=free_port(),
+        worker_port=free_port(),
+        embedder_port=free_port(),
+        metrics_ports={service: free_port() for service in SERVICES},
         extra_env={
             **{f"INFERMESH_{s.upper()}_OTLP_ENDPOINT": collector[1] for s in SERVICES},
             # Export within a fraction of a second rather than the default 5 s.
             "OTEL_BSP_SCHEDULE_DELAY": "100",
         },
     )
-    m = Mesh(spec)
-    m.start()
-    try:
+    with running_mesh(spec) as m:
         yield m
-    finally:
-        m.stop()
 
 
 @pytest.fixture(scope="module")
 async def stub(mesh: Mesh) -> AsyncIterator[router_pb2_grpc.InferenceStub]:
-    await mesh.wait_ready(timeout=300)
-    async with grpc.aio.insecure_channel(mesh.spec.address("router")) as channel:
-        yield router_pb2_grpc.InferenceStub(channel)
+    async with router_stub(mesh) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +254,7 @@ def test_promtool_accepts_the_rules() -> None:
 
 async def test_prometheus_scrapes_the_mesh(mesh: Mesh, traffic: tuple[str, str], tmp_path: Path) -> None:
     prometheus = _tool("prometheus")
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "prometheus.yml"
     scrape = [
         {

@@ -29,9 +29,9 @@ EMBED_MODEL = "fake-embed"
 EMBED_DIM = 8
 
 
-def chat_model(model_id: str = CHAT_MODEL, context_length: int = 512) -> common_pb2.ModelInfo:
+def chat_model(model_id: str = CHAT_MODEL, context_length: int = 512, tier: str = "") -> common_pb2.ModelInfo:
     return common_pb2.ModelInfo(
-        id=model_id, kind=common_pb2.MODEL_KIND_CHAT, context_length=context_length, family="llama"
+        id=model_id, kind=common_pb2.MODEL_KIND_CHAT, context_length=context_length, family="llama", tier=tier
     )
 
 
@@ -93,6 +93,7 @@ class FakeWorker(_ReportsLoad, worker_pb2_grpc.WorkerServicer):
         self.waiting = waiting
         self.decode_tokens_per_s = decode_tokens_per_s
         self.tokens_left: dict[int, int] = {}  # per stream in flight
+        self.waiting_tokens = 0  # reported as queued work (drives the router's degradation ladder)
         self.draining = False
         self.reply_prefix = "echo: "
         self.fail_with: grpc.StatusCode | None = None
@@ -130,8 +131,12 @@ class FakeWorker(_ReportsLoad, worker_pb2_grpc.WorkerServicer):
             else common_pb2.FINISH_REASON_STOP
         )
         stream = id(context)
+        # Like a real worker: resumed tokens were delivered already, generation goes on after them.
+        resumed = len(request.resume_token_ids)
         try:
             for i, token in enumerate(tokens):
+                if i < resumed:
+                    continue
                 self.tokens_left[stream] = len(tokens) - i
                 if self.hold_after is not None and i == self.hold_after:
                     await self.release.wait()
@@ -158,6 +163,7 @@ class FakeWorker(_ReportsLoad, worker_pb2_grpc.WorkerServicer):
             running=self.running + len(self.tokens_left),
             waiting=self.waiting,
             running_tokens=sum(self.tokens_left.values()),
+            waiting_tokens=self.waiting_tokens,
             kv_blocks_free=90,
             kv_blocks_total=100,
             decode_tokens_per_s=self.decode_tokens_per_s,

@@ -138,10 +138,10 @@ async def test_unavailable_worker_is_replaced_before_the_first_token() -> None:
             assert responses[0].worker == servers[1].address
             assert [r.request_id for r in workers[0].requests] == [req.request_id]
 
-        async with router_for([s.address for s in servers], dispatch_attempts=1) as stub:
+        async with router_for([s.address for s in servers], failover_attempts=1) as stub:
             await wait_healthy(stub, {s.address for s in servers})
             details = await expect_unavailable(stub)
-            assert f"worker {servers[0].address} is unavailable" in details
+            assert f"worker {servers[0].address} failed (unavailable: " in details
     finally:
         for server in servers:
             await server.stop(0)

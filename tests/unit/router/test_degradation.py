@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.degradation import Decision, Ladder, LadderConfig, Load, RequestFacts, Rung
-from services.router.domain import DegradationStep
+from services.router.degradation import (
+    Decision,
+    Ladder,
+    LadderConfig,
+    Load,
+    RequestFacts,
+    Rung,
+    fallback_model,
+)
+from services.router.domain import DegradationStep, ModelKind, ModelSpec
 from services.router.queues import Priority
 
 P = Priority
@@ -104,3 +112,20 @@ def test_bad_config_is_refused() -> None:
         LadderConfig(thresholds_s=(2.0, 1.0, 3.0, 4.0, 5.0))
     with pytest.raises(ValueError, match="step_down_margin"):
         LadderConfig(step_down_margin=1.0)
+
+
+def model(model_id: str, tier: str, context_length: int = 2048) -> ModelSpec:
+    return ModelSpec(model_id, ModelKind.CHAT, context_length=context_length, tier=tier)
+
+
+def test_fallback_is_the_largest_smaller_tier_that_holds_the_request() -> None:
+    large, medium, small = model("l", "large"), model("m", "medium"), model("s", "small")
+    catalog = [small, large, medium, model("e", "small", 0)]
+    assert fallback_model(large, catalog, 100) == "m"
+    assert fallback_model(medium, catalog, 100) == "s"
+    assert fallback_model(small, catalog, 100) is None
+    assert fallback_model(model("x", ""), catalog, 100) is None  # no tier: nothing is smaller
+    short = model("m", "medium", context_length=50)
+    assert fallback_model(large, [short, small], 100) == "s"  # the medium one cannot hold it
+    embedding = ModelSpec("emb", ModelKind.EMBEDDING, tier="small")
+    assert fallback_model(medium, [embedding], 10) is None

@@ -1,0 +1,229 @@
+"""Mid-stream failover: a worker's Generate stream watched for breaks and stalls, and the
+request that continues it elsewhere from the tokens the client already has.
+
+The worker prefills prompt + `resume_token_ids` and samples the next token at the same
+step index with the same seed, so the continuation is token-exact; a sampled request
+without a seed gets one here for that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from infermesh.common.v1 import common_pb2
+from infermesh.worker.v1 import worker_pb2
+from services.common.errors import Unavailable
+from services.router.domain import Degradation, DegradationStep, EndpointKind
+from services.router.endpoints import EndpointMonitor
+from services.router.placement import Ask
+
+logger = logging.getLogger(__name__)
+
+# Statuses of a stream that broke under the request (process gone, connection reset,
+# server stopped), as opposed to the worker's own verdict on the request.
+_BROKEN = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+class StreamBroken(Exception):
+    """The worker stream cannot go on; `reason` is a short label (metrics, logs)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def broken(exc: grpc.aio.AioRpcError) -> StreamBroken | None:
+    """The failover reason for an RPC error, or None when the error is the worker's answer."""
+    if exc.code() not in _BROKEN:
+        return None
+    return StreamBroken(exc.code().name.lower(), exc.details() or exc.code().name)
+
+
+def pin_seed(req: worker_pb2.GenerateRequest) -> None:
+    """Give a sampled request without a seed one, so another worker can continue it exactly."""
+    sampling = req.sampling
+    if sampling.HasField("temperature") and sampling.temperature > 0 and not sampling.HasField("seed"):
+        sampling.seed = random.getrandbits(63)
+
+
+def resume_request(req: worker_pb2.GenerateRequest, delivered: Sequence[int]) -> worker_pb2.GenerateRequest:
+    """`req` continued after the tokens already delivered (they count toward max_tokens)."""
+    out = worker_pb2.GenerateRequest()
+    out.CopyFrom(req)
+    del out.resume_token_ids[:]
+    out.resume_token_ids.extend(delivered)
+    return out
+
+
+class WatchedStream:
+    """Reads one worker stream; a read that waits too long raises StreamBroken.
+
+    Too long means `stall_timeout_s` without a message once tokens flow; before the first
+    one, the worker may be busy with a long prompt or a queue, so the wait only counts
+    once the endpoint itself is no longer usable (its reports stopped, it went down or it
+    was ejected).
+    """
+
+    def __init__(
+        self,
+        call: Any,
+        address: str,
+        usable: Callable[[], bool],
+        stall_timeout_s: float,
+        check_interval_s: float = 0.1,
+    ) -> None:
+        self.call = call
+        self.address = address
+        self._usable = usable
+        self._stall_timeout_s = stall_timeout_s
+        self._check_interval_s = min(check_interval_s, stall_timeout_s)
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._flowing = False
+
+    async def read(self) -> Any:
+        """The next message, or grpc.aio.EOF; StreamBroken when the stream broke or stalled."""
+        task = asyncio.ensure_future(self.call.read())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._check_interval_s)
+                if done:
+                    break
+                gap = self._loop.time() - self._last
+                if gap >= self._stall_timeout_s and (self._flowing or not self._usable()):
+                    what = "no token" if self._flowing else "no first token and the worker is unusable"
+                    raise StreamBroken("stalled", f"{what} for {gap:.1f}s")
+            message = task.result()
+        except grpc.aio.AioRpcError as exc:
+            failure = broken(exc)
+            if failure is None:
+                raise
+            raise failure from None
+        finally:
+            if not task.done():
+                task.cancel()
+        self._last = self._loop.time()
+        self._flowing = True
+        return message
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """One worker message on its way to the client, with where it came from."""
+
+    resp: Any  # worker_pb2.GenerateResponse
+    address: str
+    # Set on the first message from a worker that took over a broken stream.
+    moved: Degradation | None = None
+
+
+class Failover:
+    """Streams a Generate from placed workers, moving it to another one when its stream breaks.
+
+    Messages reach the caller as they come; the tokens in them are what a successor
+    resumes from, so the caller sees no token twice and none missing.
+    """
+
+    def __init__(
+        self,
+        endpoints: EndpointMonitor,
+        *,
+        stall_timeout_s: float,
+        attempts: int,
+        on_failover: Callable[[str], None] | None = None,
+    ) -> None:
+        self.endpoints = endpoints
+        self.stall_timeout_s = stall_timeout_s
+        self.attempts = attempts  # workers tried in all, the first one included
+        self.on_failover = on_failover
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def _usable(self, address: str) -> bool:
+        return self.endpoints.registry.is_usable(address, self.endpoints.clock())
+
+    async def stream(
+        self,
+        req: worker_pb2.GenerateRequest,
+        model_id: str,
+        ask: Ask,
+        remaining: Callable[[], float | None],
+    ) -> AsyncIterator[Relayed]:
+        registry = self.endpoints.registry
+        clock = self.endpoints.clock
+        pin_seed(req)
+        delivered: list[int] = []
+        failed: list[str] = []
+        moved: Degradation | None = None
+        last_failure: StreamBroken | None = None
+        while True:
+            try:
+                placement = self.endpoints.place(EndpointKind.WORKER, model_id, frozenset(failed), ask)
+            except Unavailable as exc:
+                if last_failure is None:
+                    raise
+                raise Unavailable(
+                    f"worker {failed[-1]} failed ({last_failure}) and no other worker can continue "
+                    f"the request: {exc.message}"
+                ) from None
+            address = placement.address
+            attempt = resume_request(req, delivered) if delivered else req
+            call = self.endpoints.stub(address).Generate(attempt, timeout=remaining())
+            stream = WatchedStream(
+                call, address, functools.partial(self._usable, address), self.stall_timeout_s
+            )
+            try:
+                while (resp := await stream.read()) is not grpc.aio.EOF:
+                    delivered.extend(resp.token_ids)
+                    yield Relayed(resp, address, moved)
+                    moved = None
+                    if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                        registry.on_success(address)
+                        return
+                raise StreamBroken("ended_early", "the stream ended without a finish reason")
+            except StreamBroken as exc:
+                last_failure = exc
+                failed.append(address)
+                if registry.on_error(address, clock()):
+                    logger.warning("worker %s ejected after repeated failures", address)
+                started = bool(delivered)
+                label = exc.reason if started else f"{exc.reason}_before_first_token"
+                self.counts[label] += 1
+                if self.on_failover is not None:
+                    self.on_failover(label)
+                logger.warning(
+                    "worker %s failed after %d tokens (%s); moving the request", address, len(delivered), exc
+                )
+                if len(failed) >= self.attempts:
+                    raise Unavailable(
+                        f"worker {address} failed ({exc}); no more workers tried "
+                        f"(failover_attempts={self.attempts})"
+                    ) from None
+                if started and moved is None:
+                    moved = Degradation(
+                        DegradationStep.FAILOVER,
+                        f"worker {address} failed after {len(delivered)} tokens ({exc.reason}); "
+                        "continued on another worker from there",
+                    )
+            finally:
+                stream.cancel()
+                self.endpoints.release(placement)
