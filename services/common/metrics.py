@@ -174,16 +174,19 @@ class LoadReportCollector:
         model = r.models[0].id if r.models else ""
         device = r.device.name if r.HasField("device") else ""
 
-        def gauge(name: str, doc: str, value: float, **extra: str) -> GaugeMetricFamily:
-            labels = {"model": model, **extra}
-            family = GaugeMetricFamily(f"infermesh_{name}", doc, labels=list(labels))
-            family.add_metric(list(labels.values()), value)
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            family.add_metric([model], value)
             return family
 
-        yield gauge("running_sequences", "Sequences (or items) in the running batch.", r.running)
-        yield gauge("waiting_sequences", "Requests queued, not yet started.", r.waiting)
-        yield gauge("running_tokens", "Tokens still to generate for running sequences.", r.running_tokens)
-        yield gauge("waiting_tokens", "Prompt plus max tokens of waiting requests.", r.waiting_tokens)
+        yield gauge("infermesh_running_sequences", "Sequences (or items) in the running batch.", r.running)
+        yield gauge("infermesh_waiting_sequences", "Requests queued, not yet started.", r.waiting)
+        yield gauge(
+            "infermesh_running_tokens", "Tokens still to generate for running sequences.", r.running_tokens
+        )
+        yield gauge(
+            "infermesh_waiting_tokens", "Prompt plus max tokens of waiting requests.", r.waiting_tokens
+        )
         kv = GaugeMetricFamily(
             "infermesh_kv_cache_blocks", "KV cache blocks by state.", labels=["model", "state"]
         )
@@ -191,7 +194,7 @@ class LoadReportCollector:
         kv.add_metric([model, "used"], max(0, r.kv_blocks_total - r.kv_blocks_free))
         yield kv
         yield gauge(
-            "prefix_cache_hit_ratio",
+            "infermesh_prefix_cache_hit_ratio",
             "Share of prompt tokens (embedder: inputs) served from cache.",
             r.prefix_cache_hit_rate,
         )
@@ -203,8 +206,8 @@ class LoadReportCollector:
         speed.add_metric([model, "decode"], r.decode_tokens_per_s)
         speed.add_metric([model, "prefill"], r.prefill_tokens_per_s)
         yield speed
-        yield gauge("items_per_second", "Inputs encoded per second (embedder).", r.items_per_s)
-        yield gauge("draining", "1 while the endpoint drains.", float(r.draining))
+        yield gauge("infermesh_items_per_second", "Inputs encoded per second (embedder).", r.items_per_s)
+        yield gauge("infermesh_draining", "1 while the endpoint drains.", float(r.draining))
         if device:
             memory = GaugeMetricFamily(
                 "infermesh_device_memory_bytes",
