@@ -20,7 +20,7 @@ from services.router import convert
 from services.router.admission import Admission, Capacity
 from services.router.auth import authorize_model
 from services.router.config import RouterConfig
-from services.router.degradation import Ladder, LadderConfig, Load
+from services.router.degradation import LadderConfig, Load
 from services.router.domain import (
     Degradation,
     DegradationStep,
@@ -33,7 +33,13 @@ from services.router.failover import Failover, Relayed
 from services.router.history import merge_history, turns_to_append
 from services.router.overload import Overload, cached_reply, cached_stream
 from services.router.placement import Ask, HardwareNeeds
-from services.router.queues import QueueConfig, QueuedRequest, create_request_queue, effective_priority
+from services.router.queues import (
+    Priority,
+    QueueConfig,
+    QueuedRequest,
+    create_request_queue,
+    effective_priority,
+)
 from services.router.reply_cache import ReplyCache
 from services.router.sessions import SessionClient, SessionUnavailable
 from services.router.tenancy import tenant_of
@@ -88,11 +94,9 @@ class Generation:
             endpoints, stall_timeout_s=config.stall_timeout_s, attempts=config.failover_attempts
         )
         self.overload = Overload(
-            Ladder(
-                LadderConfig(
-                    thresholds_s=tuple(config.degradation_thresholds_s),  # type: ignore[arg-type]
-                    capped_max_tokens=config.degraded_max_tokens,
-                )
+            LadderConfig(
+                thresholds_s=tuple(config.degradation_thresholds_s),  # type: ignore[arg-type]
+                capped_max_tokens=config.degraded_max_tokens,
             ),
             ReplyCache(config.reply_cache_entries),
             self._load,
@@ -107,12 +111,13 @@ class Generation:
         )
         return Capacity(workers * self.config.max_streams_per_worker, tokens_per_s)
 
-    def _load(self) -> Load:
-        """Tokens waiting to start (at the workers, in this router's queue) and how fast they go."""
+    def _load(self, priority: Priority) -> Load:
+        """Tokens a new request of `priority` waits behind (queued at the workers, and in this
+        router's queue at its class or above) and how fast they go."""
         registry, now = self.endpoints.registry, self.endpoints.clock()
         _, tokens_per_s = registry.throughput(EndpointKind.WORKER, now, self.config.prior_decode_tokens_per_s)
-        waiting = registry.waiting_tokens(EndpointKind.WORKER, now) + self.admission.queue.queued_tokens()
-        return Load(waiting, tokens_per_s)
+        queued = self.admission.queue.queued_tokens(priority)
+        return Load(registry.waiting_tokens(EndpointKind.WORKER, now) + queued, tokens_per_s)
 
     async def stream(
         self, req: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext

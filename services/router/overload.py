@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from infermesh.common.v1 import common_pb2
 from infermesh.worker.v1 import worker_pb2
 from services.common.errors import ResourceExhausted
-from services.router.degradation import Ladder, Load, RequestFacts, fallback_model
+from services.router.degradation import Ladder, LadderConfig, Load, RequestFacts, fallback_model
 from services.router.domain import Degradation, ModelSpec
 from services.router.failover import Relayed
 from services.router.queues import Priority
@@ -59,16 +59,20 @@ def reply_key(req: worker_pb2.GenerateRequest, model: str, max_tokens: int) -> s
 
 
 class Overload:
+    """One ladder per priority class: a class waits only behind its own and higher classes in
+    the priority queue, so its load (and its rung) is its own."""
+
     def __init__(
         self,
-        ladder: Ladder,
+        config: LadderConfig,
         cache: ReplyCache,
-        load: Callable[[], Load],
+        load: Callable[[Priority], Load],
         *,
         max_hold_s: float,
         clock: Callable[[], float],
     ) -> None:
-        self.ladder = ladder
+        self.ladders = {priority: Ladder(config) for priority in Priority}
+        self.config = config
         self.cache = cache
         self.load = load
         self.max_hold_s = max_hold_s
@@ -89,7 +93,7 @@ class Overload:
         held (asleep) while BATCH is held back."""
         repeatable = deterministic(req.sampling)
         max_tokens = req.max_tokens
-        capped = min(max_tokens, self.ladder.config.capped_max_tokens)
+        capped = min(max_tokens, self.config.capped_max_tokens)
         keys = [reply_key(req, model.id, max_tokens)] if repeatable else []
         if repeatable and capped != max_tokens and priority >= Priority.STANDARD:
             keys.append(reply_key(req, model.id, capped))
@@ -103,10 +107,11 @@ class Overload:
             deterministic=repeatable,
             cached=any(k in self.cache for k in keys),
         )
+        ladder = self.ladders[priority]
         started = self.clock()
         while True:
-            load = self.load()
-            decision = self.ladder.decide(facts, load)
+            load = self.load(priority)
+            decision = ladder.decide(facts, load)
             if decision.refuse_retry_after_ms is not None:
                 raise ResourceExhausted(
                     f"overloaded: predicted wait {load.wait_s:.1f}s; {priority.name} requests are "
@@ -122,7 +127,7 @@ class Overload:
                 raise ResourceExhausted(
                     f"overloaded: predicted wait {load.wait_s:.1f}s; BATCH held back for {held:.1f}s "
                     "and its time is up",
-                    self.ladder.retry_after_ms(load.wait_s),
+                    ladder.retry_after_ms(load.wait_s),
                 )
             await asyncio.sleep(_HOLD_POLL_S)
         if decision.from_cache:

@@ -102,9 +102,10 @@ class RequestQueue(ABC):
     def __len__(self) -> int:
         return len(self._items)
 
-    def queued_tokens(self) -> int:
-        """Prompt + max tokens of everything queued."""
-        return sum(r.tokens for r in self._items)
+    def queued_tokens(self, ahead_of: Priority = Priority.BATCH) -> int:
+        """Prompt + max tokens queued in `ahead_of`'s class or a higher one: what a new request
+        of that class waits behind."""
+        return sum(r.tokens for r in self._items if r.priority <= ahead_of)
 
     def depth(self, priority: Priority) -> int:
         return sum(1 for r in self._items if r.priority is priority)

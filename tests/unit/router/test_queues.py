@@ -188,3 +188,12 @@ def test_factory_knows_its_policies() -> None:
     assert isinstance(create_request_queue(), PriorityRequestQueue)
     with pytest.raises(ValueError, match="unknown queue policy 'lifo'"):
         create_request_queue("lifo")
+
+
+def test_queued_tokens_count_what_a_class_waits_behind() -> None:
+    queue = make_queue()
+    for priority, tokens in ((P.CRITICAL, 1), (P.INTERACTIVE, 10), (P.STANDARD, 100), (P.BATCH, 1000)):
+        queue.push(make_request(priority, tokens=tokens), 0.0)
+    assert queue.queued_tokens() == 1111
+    assert queue.queued_tokens(P.INTERACTIVE) == 11
+    assert queue.queued_tokens(P.CRITICAL) == 1
