@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from infermesh import top
 from infermesh.client import (
     BatchItem,
     BatchJob,
@@ -183,6 +184,17 @@ def cmd_status(args: argparse.Namespace, client: Client) -> int:
         )
     _wide_console().print(table)
     return 0 if state == "SERVING" else 1
+
+
+def cmd_top(args: argparse.Namespace, client: Client) -> int:
+    return top.run(
+        args.address,
+        metrics_address=args.metrics,
+        api_key=args.api_key,
+        interval=args.interval,
+        once=args.once,
+        timeout=args.timeout or 5.0,
+    )
 
 
 # --- batch jobs ------------------------------------------------------------------------------
@@ -390,6 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="router health and cluster status")
     status.set_defaults(func=cmd_status)
+
+    top_cmd = sub.add_parser("top", help="live view: endpoints, KV usage, queues, degradation, failovers")
+    top_cmd.add_argument(
+        "--metrics",
+        default=os.environ.get("INFERMESH_METRICS_ADDRESS") or None,
+        help="host:port of the router's /metrics, for degradation and failover counts "
+        "(default: $INFERMESH_METRICS_ADDRESS; `make up` serves it on 127.0.0.1:9451)",
+    )
+    top_cmd.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    top_cmd.add_argument("--once", action="store_true", help="print one frame and exit")
+    top_cmd.set_defaults(func=cmd_top)
 
     _add_batch(sub)
 

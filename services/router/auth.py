@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -28,10 +28,15 @@ from services.common.logs import tenant_var
 from services.router import audit
 from services.router.rbac import Role
 
+if TYPE_CHECKING:
+    from services.router.call_guard import CallGuard
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TENANT = "default"
 _PRIORITY_NAMES = {1: "critical", 2: "interactive", 3: "standard", 4: "batch"}
+GENERATE = "/infermesh.router.v1.Inference/Generate"
+EMBED = "/infermesh.router.v1.Inference/Embed"
 _AUDITED_CALLS = {
     "/infermesh.router.v1.Inference/DeleteSession": audit.ERASURE,
     "/infermesh.router.v1.Inference/ExportUserData": audit.EXPORT,
@@ -141,12 +146,20 @@ class Authenticator:
     with the caller's Principal in a contextvar (read by `tenancy.tenant_of`)."""
 
     def __init__(
-        self, resolver: KeyResolver, sink: audit.AuditSink, *, enabled: bool, anonymous: Principal
+        self,
+        resolver: KeyResolver,
+        sink: audit.AuditSink,
+        *,
+        enabled: bool,
+        anonymous: Principal,
+        guard: CallGuard | None = None,
     ) -> None:
         self.resolver = resolver
         self.sink = sink
         self.enabled = enabled
         self.anonymous = anonymous
+        # Quotas and guardrails of Generate and Embed; None or inactive: calls go straight through.
+        self.call_guard = guard if guard is not None and guard.active else None
 
     def guard(self, server: grpc.aio.Server) -> _Guarded:
         """Stands in for `server` in `add_<Service>Servicer_to_server`: every method of the
@@ -182,6 +195,13 @@ class Authenticator:
         elif method in _AUDITED_CALLS:
             self.sink.record(_AUDITED_CALLS[method], principal.tenant, principal.key_prefix, method)
         return principal
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: DomainError) -> None:
+    metadata = exc.trailing_metadata()
+    if metadata:
+        context.set_trailing_metadata(metadata)
+    await context.abort(exc.code, exc.message)
 
 
 def _prefix_of(context: grpc.aio.ServicerContext) -> str:
@@ -225,8 +245,20 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> g
         inner_unary = handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            enter(await auth.admit(method, request, context))
-            return await inner_unary(request, context)
+            principal = await auth.admit(method, request, context)
+            enter(principal)
+            if auth.call_guard is None or method != EMBED:
+                return await inner_unary(request, context)
+            try:
+                return await auth.call_guard.embed(
+                    request,
+                    principal.tenant,
+                    principal.key_prefix,
+                    method,
+                    lambda: inner_unary(request, context),
+                )
+            except DomainError as exc:
+                await _abort(context, exc)
 
         return grpc.unary_unary_rpc_method_handler(
             unary, handler.request_deserializer, handler.response_serializer
@@ -235,7 +267,22 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> g
         inner_stream = handler.unary_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            enter(await auth.admit(method, request, context))
+            principal = await auth.admit(method, request, context)
+            enter(principal)
+            if auth.call_guard is not None and method == GENERATE:
+                guard = auth.call_guard
+                try:
+                    async for item in guard.generate(
+                        request,
+                        principal.tenant,
+                        principal.key_prefix,
+                        method,
+                        lambda: inner_stream(request, context),
+                    ):
+                        yield item
+                except DomainError as exc:
+                    await _abort(context, exc)
+                return
             result = inner_stream(request, context)
             if inspect.isawaitable(result):  # a coroutine handler (e.g. `unimplemented`) aborts
                 await result

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, setting
+from services.router.quotas import QuotaLimits, QuotaSpecError, build_limits
 from services.router.rbac import RoleError, build_roles
 
 
@@ -140,6 +141,43 @@ class RouterConfig:
         "'name:rpcs=inference,sessions:models=m1,m2:priorities=standard,batch' (rpcs: inference, "
         "sessions, batches, status, admin; '*' = all). Built in: admin, user, batch, reader.",
     )
+    quota_requests_per_s: int = setting(0, "Requests per second each tenant may send (0 = no limit).", min=0)
+    quota_tokens_per_minute: int = setting(
+        0,
+        "Tokens (prompt + generated) per minute each tenant may use (0 = no limit); a request reserves "
+        "prompt + max_tokens before it runs and is refused when that would pass the limit.",
+        min=0,
+    )
+    quota_token_budget: int = setting(
+        0, "Tokens each tenant may use per budget period (0 = no limit).", min=0
+    )
+    quota_budget_period_s: int = setting(86_400, "Length of the token budget period.", min=1)
+    quota_overrides: list[str] = setting(
+        [],
+        "Per-tenant quotas, each 'tenant:tokens_per_minute=N:token_budget=N:requests_per_s=N"
+        ":budget_period_s=N' (fields left out keep the defaults above).",
+    )
+    quota_redis_url: str = setting(
+        "",
+        "Redis shared by the router replicas for quota counters; empty counts in this replica only. "
+        "While Redis is away each replica counts locally (infermesh_router_quota_fallback_total).",
+    )
+    quota_redis_prefix: str = setting("infermesh:quota", "Prefix of the quota counters' Redis keys.")
+    quota_redis_timeout_s: float = setting(
+        0.1, "Bound on each quota call to Redis; slower calls fall back to local counting.", min=0.001, max=10
+    )
+    guard_max_input_chars: int = setting(
+        0, "Longest input (all messages and prompt together, in characters); 0 = no limit.", min=0
+    )
+    guard_prompt_injection: bool = setting(
+        False, "Refuse user and tool turns that the prompt-injection detector flags (INVALID_ARGUMENT)."
+    )
+    guard_pii_input: bool = setting(
+        False, "Redact e-mail, phone, IBAN, card numbers and API-key-like secrets in the input."
+    )
+    guard_pii_output: bool = setting(
+        False, "Redact the same in generated text (streamed text is held back a little for it)."
+    )
 
     def check(self) -> None:
         for name in ("worker_addresses", "embedder_addresses"):
@@ -156,6 +194,15 @@ class RouterConfig:
             build_roles(self.roles)
         except RoleError as exc:
             raise ConfigError(f"router.roles: {exc}") from None
+        try:
+            build_limits(QuotaLimits(), self.quota_overrides)
+        except QuotaSpecError as exc:
+            raise ConfigError(f"router.quota_overrides: {exc}") from None
+        redis_scheme = self.quota_redis_url.split("://", 1)[0]
+        if self.quota_redis_url and redis_scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"router.quota_redis_url scheme {redis_scheme!r}: must be redis, rediss or unix"
+            )
         thresholds = self.degradation_thresholds_s
         if len(thresholds) != 5 or thresholds != sorted(thresholds) or thresholds[0] <= 0:
             raise ConfigError(

@@ -14,10 +14,14 @@ from services.common.telemetry import client_interceptors
 from services.router.admin import AdminServicer
 from services.router.audit import AuditSink
 from services.router.auth import DEFAULT_TENANT, Authenticator, KeyResolver, Principal
+from services.router.call_guard import CallGuard
 from services.router.config import RouterConfig
 from services.router.endpoints import EndpointMonitor, channel_options
+from services.router.guardrails.policy import GuardrailConfig
 from services.router.metrics import RouterCollector
 from services.router.placement import Priors, create_placement_policy
+from services.router.quota_store import Quotas
+from services.router.quotas import QuotaLimits, build_limits
 from services.router.rbac import build_roles
 from services.router.servicer import InferenceServicer
 from services.router.sessions import SessionClient
@@ -66,8 +70,25 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         governance, roles, cache_s=config.auth_cache_s, timeout_s=config.downstream_timeout_s
     )
     sink = AuditSink(governance, timeout_s=config.downstream_timeout_s)
+    quotas = create_quotas(config)
+    guard = CallGuard(
+        GuardrailConfig(
+            max_input_chars=config.guard_max_input_chars,
+            injection=config.guard_prompt_injection,
+            pii_input=config.guard_pii_input,
+            pii_output=config.guard_pii_output,
+        ),
+        quotas,
+        sink,
+        default_max_tokens=config.default_max_tokens,
+        max_tokens_limit=config.max_tokens_limit,
+    )
     auth = Authenticator(
-        resolver, sink, enabled=config.auth_enabled, anonymous=Principal(DEFAULT_TENANT, roles["admin"])
+        resolver,
+        sink,
+        enabled=config.auth_enabled,
+        anonymous=Principal(DEFAULT_TENANT, roles["admin"]),
+        guard=guard,
     )
     if config.auth_enabled:
         logger.info("authentication on: every public RPC needs an API key")
@@ -89,6 +110,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     async def on_stop() -> None:
         await endpoints.stop()
         await sink.stop()
+        await quotas.close()
         if sessions is not None:
             await sessions.close()
 
@@ -104,6 +126,25 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     await endpoints.start()
     sink.start()
     return server
+
+
+def create_quotas(config: RouterConfig) -> Quotas:
+    base = QuotaLimits(
+        requests_per_s=config.quota_requests_per_s,
+        tokens_per_minute=config.quota_tokens_per_minute,
+        token_budget=config.quota_token_budget,
+        budget_period_s=config.quota_budget_period_s,
+    )
+    quotas = Quotas(
+        base,
+        build_limits(base, config.quota_overrides),
+        redis_url=config.quota_redis_url,
+        prefix=config.quota_redis_prefix,
+        timeout_s=config.quota_redis_timeout_s,
+    )
+    if quotas.enabled and not config.quota_redis_url:
+        logger.warning("quotas are counted by this replica alone (quota_redis_url is empty)")
+    return quotas
 
 
 async def serve(config: RouterConfig) -> None:
