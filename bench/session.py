@@ -1,6 +1,6 @@
 """Session service speed on Postgres + Redis, Postgres alone and SQLite, in one run.
 
-    python bench/session.py [--clients 32] [--seconds 3] [--rounds 3]
+    python bench/session.py [--clients 32] [--seconds 3] [--rounds 3] [--baseline-rev REV]
         [--postgres postgresql://postgres@127.0.0.1:5432/test] [--redis redis://127.0.0.1:6379/0]
 
 Each contender is a session service in a process of its own, called over gRPC by
@@ -11,6 +11,8 @@ contenders so machine noise hits all of them; read the ratio columns. The
 in-service figure times the cached store's window() in this process against the
 same Redis (what a request costs inside the service, without gRPC).
 The benchmark gets a database of its own on the server and a key prefix of its own in Redis.
+`--baseline-rev` adds the session service of an earlier git revision (e.g. HEAD~3), on
+Postgres alone against the same database: before/after in one run.
 """
 
 from __future__ import annotations
@@ -70,11 +72,15 @@ class Contender:
     env: dict[str, str]
     appends: list[float] = field(default_factory=list)  # appends/s per round
     append_lat: list[float] = field(default_factory=list)
+    # CPU seconds the service process spent per append (steadier than appends/s on a busy machine).
+    append_cpu: list[float] = field(default_factory=list)
     reads: list[float] = field(default_factory=list)
     read_lat: list[float] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
     address: str = ""
+    # Where `services` is imported from (another revision's source tree).
+    source: Path = ROOT
 
     async def start(self, folder: Path) -> None:
         port = _free_port()
@@ -90,6 +96,9 @@ class Contender:
                 **self.env,
             }
         )
+        if self.source != ROOT:
+            # That revision's services, this checkout's generated protos.
+            env["PYTHONPATH"] = os.pathsep.join([str(self.source), str(ROOT)])
         self._spawn(env)
         await wait_serving(self.address, timeout=60)
 
@@ -98,11 +107,21 @@ class Contender:
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "services.session"],
-                cwd=ROOT,
+                cwd=self.source,
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+
+    def cpu_s(self) -> float:
+        """CPU time (user + system) of the service process so far; NaN where /proc is missing."""
+        try:
+            fields = (
+                Path(f"/proc/{self.proc.pid if self.proc else 0}/stat").read_text().rsplit(")", 1)[1].split()
+            )
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> dict[str, float]:
         """Stop the server; returns its window cache stats (logged at shutdown)."""
@@ -160,9 +179,10 @@ async def bench_appends(c: Contender, clients: int, seconds: float) -> None:
                 timeout=30,
             )
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), c.cpu_s()
         done, latencies = await run_clients(seconds, clients, call)
         c.appends.append(done / (time.perf_counter() - started))
+        c.append_cpu.append((c.cpu_s() - cpu) / max(done, 1))
         c.append_lat.extend(latencies)
 
 
@@ -220,6 +240,17 @@ async def in_service_window(
         await store.close()
 
 
+def export_revision(rev: str, folder: Path) -> Path:
+    """The services/ tree of git revision `rev`, unpacked under `folder`."""
+    target = folder / "rev"
+    target.mkdir()
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", rev, "services"], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
 async def main_async(args: argparse.Namespace) -> None:
     server_url = args.postgres
     db_name = f"infermesh_bench_{secrets.token_hex(4)}"
@@ -246,6 +277,19 @@ async def main_async(args: argparse.Namespace) -> None:
         ),
         Contender("sqlite + in-process cache", {"INFERMESH_SESSION_STATE_DIR": str(folder / "sqlite")}),
     ]
+    if args.baseline_rev:
+        contenders.append(
+            Contender(
+                f"postgres alone @ {args.baseline_rev}"[:27],
+                {
+                    "INFERMESH_SESSION_DATABASE_URL": pg,
+                    "INFERMESH_SESSION_CACHE_MAX_SESSIONS": "0",
+                    # The schema is this checkout's; that revision must not migrate it.
+                    "INFERMESH_SESSION_AUTO_MIGRATE": "false",
+                },
+                source=export_revision(args.baseline_rev, folder),
+            )
+        )
     stats: dict[str, dict[str, float]] = {}
     try:
         await migrate.upgrade(pg)
@@ -277,9 +321,10 @@ async def main_async(args: argparse.Namespace) -> None:
     )
     print(
         f"| {'contender':<27} | {'appends/s':>9} | {'ratio':>6} | {'p50 ms':>6} | {'p99 ms':>6} "
+        f"| {'CPU ms':>6} "
         f"| {'windows/s':>9} | {'ratio':>6} | {'p50 ms':>6} | {'p99 ms':>6} | {'hit ratio':>9} |"
     )
-    print("|" + "|".join("-" * w for w in (29, 11, 8, 8, 8, 11, 8, 8, 8, 11)) + "|")
+    print("|" + "|".join("-" * w for w in (29, 11, 8, 8, 8, 8, 11, 8, 8, 8, 11)) + "|")
     for c in contenders:
         app, read = statistics.median(c.appends), statistics.median(c.reads)
         hit = stats.get(c.name, {}).get("hit_ratio", float("nan"))
@@ -289,6 +334,7 @@ async def main_async(args: argparse.Namespace) -> None:
             f"{app / base_app:>5.2f}x",
             f"{percentile(c.append_lat, 0.5) * 1e3:>6.2f}",
             f"{percentile(c.append_lat, 0.99) * 1e3:>6.2f}",
+            f"{statistics.median(c.append_cpu) * 1e3:>6.2f}",
             f"{read:>9.0f}",
             f"{read / base_read:>5.2f}x",
             f"{percentile(c.read_lat, 0.5) * 1e3:>6.2f}",
@@ -296,6 +342,10 @@ async def main_async(args: argparse.Namespace) -> None:
             f"{hit:>9.3f}",
         ]
         print("| " + " | ".join(cells) + " |")
+    print(
+        "\nCPU ms: CPU time of the service process per append (user + system), a steadier figure "
+        "than appends/s when other work shares the machine."
+    )
     print(
         f"\nwarm window() inside the service (cached store on Redis, one caller, {len(inside)} calls): "
         f"p50 {percentile(inside, 0.5) * 1e3:.3f} ms, p99 {percentile(inside, 0.99) * 1e3:.3f} ms, "
@@ -311,6 +361,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--inside-calls", type=int, default=2000)
+    parser.add_argument("--baseline-rev", help="also run the session service of this git revision")
     parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     asyncio.run(main_async(parser.parse_args()))

@@ -30,7 +30,10 @@ class SessionConfig:
     default_page_size: int = setting(100, "GetHistory page size when the request gives none.", min=1)
     max_page_size: int = setting(1000, "Largest GetHistory page size accepted.", min=1, max=100_000)
     pool_size: int = setting(
-        10, "Database connections kept open (as many again may be opened under load).", min=1
+        10,
+        "Database connections kept open; calls beyond them wait for one (at most db_timeout_s) rather "
+        "than open and close connections under load.",
+        min=1,
     )
     db_timeout_s: float = setting(
         5.0, "Bound on connecting, waiting for a pooled connection and each statement.", min=0.05, max=300

@@ -55,7 +55,7 @@ def create_engine(
     while connecting stays bounded.
     """
     url = make_url(database_url)
-    common: dict[str, Any] = {"pool_size": pool_size, "max_overflow": pool_size, "pool_timeout": timeout_s}
+    common: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": timeout_s}
     if url.get_backend_name() == "sqlite":
         if url.database in (None, "", ":memory:"):
             raise ValueError("the session store needs a SQLite file, not an in-memory database")
@@ -68,8 +68,10 @@ def create_engine(
     }
     if statement_timeout:
         connect_args["command_timeout"] = timeout_s
-    # pre_ping replaces connections that died with a database restart instead of failing a request.
-    return create_async_engine(url, connect_args=connect_args, pool_pre_ping=True, **common)
+    # No pre-ping: it would add a round trip to every call, doubling an append's. A connection
+    # that died with a database restart fails its call with UNAVAILABLE (clients retry), and
+    # SQLAlchemy then renews every connection of the pool at once.
+    return create_async_engine(url, connect_args=connect_args, **common)
 
 
 def _setup_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -11,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
-from services.session import db
+from services.session import db, pg_append
 from services.session.crypto import DecryptError, KeyRing, message_aad
 from services.session.model import (
     AppendResult,
@@ -61,6 +62,19 @@ def _message(row: Any, content: str) -> Message:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _SessionRef:
+    """What sealing needs of a session row."""
+
+    tenant: str
+    id: str
+
+
+def _moved(expected: int, actual: int | None) -> Aborted:
+    at = f"the session is at {actual}" if actual is not None else "the session has moved"
+    return Aborted(f"expected_last_seq={expected} but {at}; re-read the history and retry")
+
+
 # Columns of `sessions` named like the SessionInfo fields they hold.
 _SESSION_FIELDS = (
     "tenant",
@@ -95,6 +109,9 @@ class SqlStore:
         self.engine = engine
         self.keys = keys
         self._sqlite = db.is_sqlite(engine)
+        # One statement per append on Postgres needs no transaction around it.
+        self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+        self.last_seqs = pg_append.LastSeqs()
 
     @classmethod
     def from_url(
@@ -157,6 +174,11 @@ class SqlStore:
         return row
 
     async def create_session(self, new: NewSession) -> SessionInfo:
+        info = await self._create_session(new)
+        self.last_seqs.saw(info.tenant, info.session_id, info.last_seq)
+        return info
+
+    async def _create_session(self, new: NewSession) -> SessionInfo:
         now = _now()
         info = SessionInfo(
             new.session_id,
@@ -189,9 +211,84 @@ class SqlStore:
 
     async def get_session(self, tenant: str, session_id: str) -> SessionInfo:
         async with self._tx() as conn:
-            return _session_info(await self._session_row(conn, tenant, session_id))
+            info = _session_info(await self._session_row(conn, tenant, session_id))
+        self.last_seqs.saw(tenant, session_id, info.last_seq)
+        return info
 
     async def append(
+        self,
+        tenant: str,
+        session_id: str,
+        messages_in: Sequence[NewMessage],
+        expected_last_seq: int | None = None,
+    ) -> AppendResult:
+        predicted = (
+            expected_last_seq if expected_last_seq is not None else self.last_seqs.get(tenant, session_id)
+        )
+        if not self._sqlite and predicted is not None:
+            done = await self._append_one_statement(
+                tenant, session_id, messages_in, predicted, expected_last_seq
+            )
+            if done is not None:
+                self.last_seqs.saw(tenant, session_id, done.last_seq)
+                return done
+        result = await self._append_locked(tenant, session_id, messages_in, expected_last_seq)
+        self.last_seqs.saw(tenant, session_id, result.last_seq)
+        return result
+
+    async def _append_one_statement(
+        self,
+        tenant: str,
+        session_id: str,
+        messages_in: Sequence[NewMessage],
+        predicted: int,
+        expected_last_seq: int | None,
+    ) -> AppendResult | None:
+        """The append as one statement (see pg_append); None when it must take the locking path."""
+        now = _now()
+        # Only tenant and id of the session row go into the associated data.
+        ref = _SessionRef(tenant, session_id)
+        rows = []
+        written = []
+        for i, m in enumerate(messages_in, start=1):
+            seq = predicted + i
+            sealed = self._sealed(ref, seq, m.content)
+            rows.append(
+                pg_append.Row(
+                    m.client_msg_id or None,
+                    int(m.role),
+                    sealed["content"],
+                    m.token_count,
+                    sealed["key_id"],
+                    sealed["content_enc"],
+                )
+            )
+            written.append(Message(seq, Role(m.role), m.content, m.client_msg_id, m.token_count, now))
+        params = pg_append.parameters(tenant, session_id, predicted, rows, now)
+        with db.db_errors():
+            async with self._autocommit.connect() as conn:
+                found = pg_append.outcome((await conn.exec_driver_sql(pg_append.APPEND_SQL, params)).all())
+        if not found.found:
+            raise NotFound(f"session {session_id!r} not found")
+        if found.inserted:
+            return AppendResult(written, predicted + len(written))
+        if found.duplicates:
+            # A retry: the originals when every message is one (and the same), else the locking
+            # path sorts out partial retries and reused ids.
+            stored = {row.client_msg_id: self._message(row, ref) for row in found.duplicates}
+            originals = [stored.get(m.client_msg_id) for m in messages_in]
+            if all(
+                o is not None and o.role == m.role and o.content == m.content
+                for o, m in zip(originals, messages_in, strict=True)
+            ):
+                return AppendResult([o for o in originals if o is not None], found.last_seq)
+            return None
+        if expected_last_seq is not None:
+            # last_seq moved past what the client saw (it only grows).
+            raise _moved(expected_last_seq, found.last_seq if found.last_seq != expected_last_seq else None)
+        return None
+
+    async def _append_locked(
         self,
         tenant: str,
         session_id: str,
@@ -205,10 +302,7 @@ class SqlStore:
                 # A retry of an append that already committed: the originals, no new rows.
                 return AppendResult([stored[m.client_msg_id] for m in messages_in], session.last_seq)
             if expected_last_seq is not None and expected_last_seq != session.last_seq:
-                raise Aborted(
-                    f"expected_last_seq={expected_last_seq} but the session is at {session.last_seq}; "
-                    "re-read the history and retry"
-                )
+                raise _moved(expected_last_seq, session.last_seq)
             now = _now()
             seq = session.last_seq
             written: dict[int, Message] = {}
@@ -328,6 +422,7 @@ class SqlStore:
         return [self._message(row, session) for row in rows]
 
     async def delete_session(self, tenant: str, session_id: str) -> None:
+        self.last_seqs.forget(tenant, session_id)
         async with self._tx(write=True) as conn:
             session = await self._session_row(conn, tenant, session_id, lock=True)
             await conn.execute(sa.delete(messages).where(messages.c.session_pk == session.pk))
