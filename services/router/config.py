@@ -179,6 +179,31 @@ class RouterConfig:
         False, "Redact the same in generated text (streamed text is held back a little for it)."
     )
 
+    batch_store_url: str = setting(
+        "sqlite+aiosqlite://",
+        "SQLAlchemy URL of the batch job store. The default keeps jobs in this replica's memory "
+        "(lost when it stops); postgresql+asyncpg://user@host/db shares them between replicas, which "
+        "then answer for each other's jobs and take over those of a replica that died; "
+        "sqlite+aiosqlite:///file keeps them across restarts of a single router.",
+    )
+    batch_max_items: int = setting(50_000, "Most requests one batch job may carry.", min=1)
+    batch_concurrency: int = setting(
+        16, "Requests of one batch job this replica runs at a time (all at BATCH priority).", min=1
+    )
+    batch_jobs_per_replica: int = setting(2, "Batch jobs one replica runs at a time.", min=1)
+    batch_item_timeout_s: float = setting(
+        600.0, "Deadline of each batch request, queue wait included.", min=1.0
+    )
+    batch_item_attempts: int = setting(
+        5, "Tries of a batch request answered UNAVAILABLE or RESOURCE_EXHAUSTED before it fails.", min=1
+    )
+    batch_lease_s: float = setting(
+        30.0,
+        "How long a replica's claim on a running batch job lasts; it is renewed three times as often, "
+        "and a claim not renewed in time lets another replica take the job over.",
+        min=0.1,
+    )
+
     def check(self) -> None:
         for name in ("worker_addresses", "embedder_addresses"):
             addresses: list[str] = getattr(self, name)

@@ -108,6 +108,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         router_pb2_grpc.add_AdminServicer_to_server(admin, guarded)
 
     async def on_stop() -> None:
+        await inference.batches.stop()
         await endpoints.stop()
         await sink.stop()
         await quotas.close()
@@ -124,6 +125,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         collectors=[RouterCollector(inference.generation.admission, endpoints)],
     )
     await endpoints.start()
+    await inference.batches.start()
     sink.start()
     return server
 

@@ -15,11 +15,12 @@ from services.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     grpc_errors,
-    unimplemented,
 )
 from services.common.logs import request_id_var
 from services.router import convert, metrics
 from services.router.auth import authorize_model
+from services.router.batch_store import BatchStore, create_store_engine
+from services.router.batches import BatchService
 from services.router.config import RouterConfig
 from services.router.domain import EndpointKind, ModelKind
 from services.router.endpoints import EndpointMonitor, Placement
@@ -30,7 +31,6 @@ from services.router.sessions import SessionClient
 from services.router.tenancy import tenant_of
 from services.router.validation import resolve_model, validate_embed
 
-_BATCHES = "offline batch jobs"
 _SESSION_HEALTH_TIMEOUT_S = 1.0
 
 
@@ -43,6 +43,8 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
         self.sessions = sessions
         self.router_id = router_id
         self.generation = Generation(config, endpoints, sessions)
+        store = BatchStore(create_store_engine(config.batch_store_url))
+        self.batches = BatchService(config, store, self.generation, endpoints.registry.catalog, router_id)
 
     @grpc_errors
     async def Generate(
@@ -149,13 +151,38 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
         async for item in self._sessions().export(outgoing, context.time_remaining()):
             yield item
 
-    # --- batches: not built yet -----------------------------------------------------------
+    # --- batch jobs: see batches.py -------------------------------------------------------
 
-    SubmitBatch = unimplemented(_BATCHES)
-    GetBatch = unimplemented(_BATCHES)
-    ListBatches = unimplemented(_BATCHES)
-    GetBatchResults = unimplemented(_BATCHES)
-    CancelBatch = unimplemented(_BATCHES)
+    @grpc_errors
+    async def SubmitBatch(
+        self, request: router_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.BatchJob:
+        return await self.batches.submit(request, tenant_of(context))
+
+    @grpc_errors
+    async def GetBatch(
+        self, request: router_pb2.GetBatchRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.BatchJob:
+        return await self.batches.get(request.batch_id, tenant_of(context))
+
+    @grpc_errors
+    async def ListBatches(
+        self, request: router_pb2.ListBatchesRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ListBatchesResponse:
+        return await self.batches.list_jobs(request, tenant_of(context))
+
+    @grpc_errors
+    async def GetBatchResults(
+        self, request: router_pb2.GetBatchResultsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.BatchResult]:
+        async for result in self.batches.results(request.batch_id, tenant_of(context)):
+            yield result
+
+    @grpc_errors
+    async def CancelBatch(
+        self, request: router_pb2.CancelBatchRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.BatchJob:
+        return await self.batches.cancel(request.batch_id, tenant_of(context))
 
     # --- catalog and status ---------------------------------------------------------------
 

@@ -64,10 +64,6 @@ async def test_cluster_status_lists_every_endpoint(mesh: Mesh) -> None:
 
 
 UNBUILT: list[tuple[str, str, Any, str]] = [
-    ("Inference", "SubmitBatch", router_pb2.SubmitBatchRequest(), "offline batch jobs"),
-    ("Inference", "GetBatch", router_pb2.GetBatchRequest(batch_id="b"), "offline batch jobs"),
-    ("Inference", "ListBatches", router_pb2.ListBatchesRequest(), "offline batch jobs"),
-    ("Inference", "CancelBatch", router_pb2.CancelBatchRequest(batch_id="b"), "offline batch jobs"),
     ("Admin", "DrainEndpoint", router_pb2.DrainEndpointRequest(address="x:1"), "DrainEndpoint"),
 ]
 
@@ -79,13 +75,6 @@ async def test_unbuilt_rpcs_say_so(mesh: Mesh, service: str, method: str, reques
         await getattr(stub, method)(request_pb, timeout=5)
     assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
     assert f"{what} is not implemented yet" in (err.value.details() or "")
-
-
-async def test_batch_results_stream_is_unimplemented(mesh: Mesh) -> None:
-    call = mesh.stub.GetBatchResults(router_pb2.GetBatchResultsRequest(batch_id="b"), timeout=5)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call.read()
-    assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
 
 
 async def test_router_serves_before_any_worker_is_known() -> None:
