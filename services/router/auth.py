@@ -25,6 +25,7 @@ from infermesh.session.v1 import governance_pb2, governance_pb2_grpc
 from services.common import apikeys
 from services.common.errors import DomainError, PermissionDenied, Unauthenticated, Unavailable
 from services.common.logs import tenant_var
+from services.common.telemetry import span
 from services.router import audit
 from services.router.rbac import Role
 
@@ -245,7 +246,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> g
         inner_unary = handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            principal = await auth.admit(method, request, context)
+            with span("auth"):
+                principal = await auth.admit(method, request, context)
             enter(principal)
             if auth.call_guard is None or method != EMBED:
                 return await inner_unary(request, context)
@@ -267,7 +269,8 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> g
         inner_stream = handler.unary_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            principal = await auth.admit(method, request, context)
+            with span("auth"):
+                principal = await auth.admit(method, request, context)
             enter(principal)
             if auth.call_guard is not None and method == GENERATE:
                 guard = auth.call_guard

@@ -10,6 +10,7 @@ from typing import Any
 
 from infermesh.common.v1 import common_pb2
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.telemetry import span
 from services.router import audit
 from services.router.guardrails import policy
 from services.router.metrics import GUARDRAIL_HITS
@@ -129,7 +130,8 @@ class CallGuard:
 
     async def _reserve(self, tenant: str, key_prefix: str, method: str, tokens: int) -> Reservation | None:
         try:
-            return await self.quotas.reserve(tenant, tokens)
+            with span("quota", tokens=tokens):
+                return await self.quotas.reserve(tenant, tokens)
         except ResourceExhausted as exc:
             self.sink.record(audit.QUOTA_REFUSED, tenant, key_prefix, method, exc.message[:200])
             raise

@@ -14,7 +14,7 @@ import grpc
 
 from infermesh.router.v1 import router_pb2
 from services.common.errors import FailedPrecondition
-from services.common.logs import request_id_var, tenant_var
+from services.common.logs import request_id_var
 from services.common.telemetry import span
 from services.router import convert
 from services.router.admission import Admission, Capacity
@@ -130,10 +130,7 @@ class Generation:
         )
         authorize_model(resolved.model.id)
         deadline = _Deadline(time_budget(context.time_remaining(), params.deadline, time.time()))
-        with span("auth"):
-            tenant = tenant_of(context)
-        tenant_var.set(tenant)
-        turn = _Turn(params, request_id, tenant, deadline)
+        turn = _Turn(params, request_id, tenant_of(context), deadline)
         await self._load_history(turn)
         messages = merge_history(turn.window, params.messages, request_id)
         worker_req = convert.worker_request_to_pb(

@@ -94,6 +94,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, collector: tuple[Collector, s
             **{f"INFERMESH_{s.upper()}_OTLP_ENDPOINT": collector[1] for s in SERVICES},
             # Export within a fraction of a second rather than the default 5 s.
             "OTEL_BSP_SCHEDULE_DELAY": "100",
+            # A quota (counted in the router) so the quota step shows in the trace.
+            "INFERMESH_ROUTER_QUOTA_TOKENS_PER_MINUTE": "1000000",
         },
     )
     with running_mesh(spec) as m:
@@ -107,9 +109,9 @@ async def stub(mesh: Mesh) -> AsyncIterator[router_pb2_grpc.InferenceStub]:
 
 
 @pytest.fixture(scope="module")
-async def traffic(stub: router_pb2_grpc.InferenceStub) -> tuple[str, str]:
-    """One traced Generate with session history (continuing a trace the caller started),
-    plus an Embed; returns the caller's (trace id, span id)."""
+async def traffic(stub: router_pb2_grpc.InferenceStub) -> tuple[str, str, str]:
+    """One traced Generate with session history and one traced Embed, each continuing a trace
+    the caller started; returns the caller's (Generate trace id, its span id, Embed trace id)."""
     trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
     session = await stub.CreateSession(router_pb2.CreateSessionRequest(user_id="obs-user"), timeout=10)
     request = router_pb2.GenerateRequest(
@@ -120,8 +122,10 @@ async def traffic(stub: router_pb2_grpc.InferenceStub) -> tuple[str, str]:
     metadata = (("traceparent", f"00-{trace_id}-{parent_id}-01"),)
     chunks = [c async for c in stub.Generate(request, metadata=metadata, timeout=120)]
     assert chunks[-1].finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
-    await stub.Embed(router_pb2.EmbedRequest(inputs=["hello", "world"]), timeout=30)
-    return trace_id, parent_id
+    embed_trace = secrets.token_hex(16)
+    embed_metadata = (("traceparent", f"00-{embed_trace}-{secrets.token_hex(8)}-01"),)
+    await stub.Embed(router_pb2.EmbedRequest(inputs=["hello", "world"]), metadata=embed_metadata, timeout=30)
+    return trace_id, parent_id, embed_trace
 
 
 async def _spans_of(collector: Collector, trace_id: str, names: set[str], timeout: float) -> list[Span]:
@@ -138,12 +142,13 @@ WORKER_GENERATE = "/infermesh.worker.v1.Worker/Generate"
 
 
 async def test_one_generate_is_one_trace_across_processes(
-    collector: tuple[Collector, str], traffic: tuple[str, str]
+    collector: tuple[Collector, str], traffic: tuple[str, str, str]
 ) -> None:
-    trace_id, caller_span = traffic
+    trace_id, caller_span, _ = traffic
     expected = {
         ROUTER_GENERATE,
         "auth",
+        "quota",
         "placement",
         "session read",
         "session append",
@@ -169,7 +174,7 @@ async def test_one_generate_is_one_trace_across_processes(
     router = one(ROUTER_GENERATE)
     assert router.service == "infermesh-router"
     assert router.parent_id == caller_span, "the router did not continue the caller's traceparent"
-    for step in ("auth", "placement", "session read", "session append"):
+    for step in ("auth", "quota", "placement", "session read", "session append"):
         nested(one(step), router)
     worker = one(WORKER_GENERATE)
     assert worker.service == "infermesh-worker"
@@ -189,9 +194,9 @@ async def test_one_generate_is_one_trace_across_processes(
 
 
 async def test_router_log_line_of_the_request_carries_trace_request_and_tenant(
-    mesh: Mesh, traffic: tuple[str, str]
+    mesh: Mesh, traffic: tuple[str, str, str]
 ) -> None:
-    trace_id, _ = traffic
+    trace_id, _, _ = traffic
     lines = (mesh.log_dir / "router.log").read_text().splitlines()
     records = [json.loads(line) for line in lines if line.startswith("{")]
     finished = [r for r in records if r.get("trace_id") == trace_id and r["message"] == "generate finished"]
@@ -199,6 +204,23 @@ async def test_router_log_line_of_the_request_carries_trace_request_and_tenant(
     record = finished[0]
     assert record["request_id"] and record["tenant"] and record["service"] == "router"
     assert record["completion_tokens"] > 0
+
+
+async def test_an_embed_is_one_trace_from_router_to_embedder(
+    collector: tuple[Collector, str], traffic: tuple[str, str, str]
+) -> None:
+    _, _, trace_id = traffic
+    router_embed, embedder_embed = (
+        "/infermesh.router.v1.Inference/Embed",
+        "/infermesh.embedder.v1.Embedder/Embed",
+    )
+    spans = await _spans_of(collector[0], trace_id, {router_embed, embedder_embed}, timeout=30)
+    by_name = {s.name: s for s in spans}
+    assert {router_embed, embedder_embed} <= set(by_name), sorted(by_name)
+    assert by_name[embedder_embed].service == "infermesh-embedder"
+    placement = by_name["placement"]
+    assert placement.parent_id == by_name[router_embed].span_id
+    assert by_name[embedder_embed].parent_id == by_name[router_embed].span_id
 
 
 def _scrape(port: int) -> str:
@@ -230,7 +252,7 @@ EXPECTED_SERIES = {
 }
 
 
-async def test_metrics_endpoints_pass_promtool(mesh: Mesh, traffic: tuple[str, str]) -> None:
+async def test_metrics_endpoints_pass_promtool(mesh: Mesh, traffic: tuple[str, str, str]) -> None:
     promtool = _tool("promtool")
     for service in SERVICES:
         body = await asyncio.to_thread(_scrape, mesh.spec.metrics_ports[service])
@@ -252,7 +274,7 @@ def test_promtool_accepts_the_rules() -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-async def test_prometheus_scrapes_the_mesh(mesh: Mesh, traffic: tuple[str, str], tmp_path: Path) -> None:
+async def test_prometheus_scrapes_the_mesh(mesh: Mesh, traffic: tuple[str, str, str], tmp_path: Path) -> None:
     prometheus = _tool("prometheus")
     port = free_port()
     config = tmp_path / "prometheus.yml"
