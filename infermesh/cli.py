@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from infermesh import top
+from infermesh import keys_cli, top
 from infermesh.client import (
     BatchItem,
     BatchJob,
@@ -419,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     drain = sub.add_parser("drain", help="stop routing new requests to a worker or embedder (admin)")
     drain.add_argument("endpoint", help="host:port of the endpoint, as `infermesh status` lists it")
     drain.set_defaults(func=cmd_drain)
+
+    keys_cli.add_parser(sub)
     return parser
 
 
