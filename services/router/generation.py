@@ -31,6 +31,7 @@ from services.router.domain import (
 from services.router.endpoints import EndpointMonitor
 from services.router.failover import Failover, Relayed
 from services.router.history import merge_history, turns_to_append
+from services.router.metrics import FAILOVERS
 from services.router.overload import Overload, cached_reply, cached_stream
 from services.router.placement import Ask, HardwareNeeds
 from services.router.queues import (
@@ -91,7 +92,10 @@ class Generation:
         queue = create_request_queue(config.queue_policy, QueueConfig(aging_s=config.queue_aging_s))
         self.admission = Admission(queue, self._capacity, endpoints.clock)
         self.failover = Failover(
-            endpoints, stall_timeout_s=config.stall_timeout_s, attempts=config.failover_attempts
+            endpoints,
+            stall_timeout_s=config.stall_timeout_s,
+            attempts=config.failover_attempts,
+            on_failover=lambda reason: FAILOVERS.labels("worker", reason).inc(),
         )
         self.overload = Overload(
             LadderConfig(

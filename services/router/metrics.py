@@ -107,10 +107,7 @@ async def observe_generate(
             if response.model:
                 model = response.model
             for note in response.degraded:
-                step = _step_label(note.step)
-                DEGRADED.labels(step).inc()
-                if step == "failover":
-                    FAILOVERS.labels("worker", "mid_stream").inc()
+                DEGRADED.labels(_step_label(note.step)).inc()
             if first is None and (response.text or response.finish_reason):
                 first = clock()
                 TTFT.labels(model, priority).observe(first - started)

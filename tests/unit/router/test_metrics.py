@@ -40,7 +40,7 @@ async def test_ttft_tpot_tokens_and_degradation_are_recorded() -> None:
     tpot_before = _value("infermesh_router_time_per_output_token_seconds_sum", **labels)
     out_before = _value("infermesh_router_tokens_total", tenant="t1", model="m-obs", direction="out")
     capped_before = _value("infermesh_router_requests_degraded_total", step="max_tokens_capped")
-    failover_before = _value("infermesh_router_failovers_total", kind="worker", reason="mid_stream")
+    failover_before = _value("infermesh_router_requests_degraded_total", step="failover")
     stream = _responses(
         router_pb2.GenerateResponse(
             model="m-obs",
@@ -73,9 +73,7 @@ async def test_ttft_tpot_tokens_and_degradation_are_recorded() -> None:
         _value("infermesh_router_tokens_total", tenant="t1", model="m-obs", direction="out") - out_before == 5
     )
     assert _value("infermesh_router_requests_degraded_total", step="max_tokens_capped") - capped_before == 1
-    assert (
-        _value("infermesh_router_failovers_total", kind="worker", reason="mid_stream") - failover_before == 1
-    )
+    assert _value("infermesh_router_requests_degraded_total", step="failover") - failover_before == 1
     assert (
         _value(
             "infermesh_router_request_duration_seconds_count",
