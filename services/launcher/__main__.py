@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         mesh.stop()
         return 1
     print(f"infermesh is up: router at {spec.address('router')}")
+    if spec.metrics_ports:
+        ports = ", ".join(f"{s} {spec.host}:{p}" for s, p in spec.metrics_ports.items())
+        print(f"Prometheus /metrics: {ports}; live view: infermesh top --metrics {spec.host}:{spec.metrics_ports['router']}")
     print('try: infermesh chat "What is the capital of France?"   (stop with: make down)')
     return 0
 
