@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"infermesh is up: router at {spec.address('router')}")
     if spec.metrics_ports:
         ports = ", ".join(f"{s} {spec.host}:{p}" for s, p in spec.metrics_ports.items())
-        print(f"Prometheus /metrics: {ports}; live view: infermesh top --metrics {spec.host}:{spec.metrics_ports['router']}")
+        print(f"Prometheus /metrics: {ports}")
+        print(f"live view: infermesh top --metrics {spec.host}:{spec.metrics_ports['router']}")
     print('try: infermesh chat "What is the capital of France?"   (stop with: make down)')
     return 0
 
