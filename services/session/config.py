@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common import tls
 from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, setting
 from services.session.crypto import KeyRing, KeyRingError
 
@@ -15,6 +16,10 @@ class SessionConfig:
     log_level: str = setting("info", "Log level.", choices=["debug", "info", "warning", "error"])
     metrics_port: int = metrics_port_setting()
     otlp_endpoint: str = otlp_endpoint_setting()
+    tls_cert_file: str = tls.cert_file_setting()
+    tls_key_file: str = tls.key_file_setting()
+    tls_ca_file: str = tls.ca_file_setting()
+    tls_require_client_cert: bool = tls.require_client_cert_setting(True)
     grace_s: float = setting(10.0, "Seconds to finish in-flight calls on shutdown.", min=0, max=600)
     database_url: str = setting(
         "",
@@ -68,6 +73,7 @@ class SessionConfig:
     )
 
     def check(self) -> None:
+        tls.TlsConfig.of(self).check("session")
         if self.default_page_size > self.max_page_size:
             raise ConfigError(
                 f"session.default_page_size={self.default_page_size}: must be <= max_page_size "
