@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -12,6 +14,38 @@ from services.common.errors import Unavailable, grpc_errors
 from services.session import convert, validation
 from services.session.store import Store
 from services.session.validation import Limits
+
+T = TypeVar("T")
+
+# Answer this long before the caller's deadline, so that UNAVAILABLE arrives in time.
+DEADLINE_MARGIN_S = 0.02
+
+
+async def within_deadline(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
+    """`call`, given up with UNAVAILABLE just before the request's deadline (a hung database
+    must not hold the caller past it; db_timeout_s bounds calls without a deadline)."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return await call
+    # A task of its own: once cancelled, it may take a while to let go of a hung connection,
+    # and the caller must not wait for that.
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(remaining - DEADLINE_MARGIN_S, 0.0))
+    except asyncio.CancelledError:
+        # The caller went away: so does its call.
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_discard_outcome)
+        raise Unavailable("the session database did not answer within the request deadline; retry")
+    return task.result()
+
+
+def _discard_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
@@ -31,7 +65,7 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
     ) -> common_pb2.Session:
         new = validation.normalize_new_session(convert.new_session_from_pb(request))
         self._check_ready()
-        return convert.session_to_pb(await self._store.create_session(new))
+        return convert.session_to_pb(await within_deadline(context, self._store.create_session(new)))
 
     @grpc_errors
     async def GetSession(
@@ -39,7 +73,8 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
     ) -> common_pb2.Session:
         validation.check_session_ref(request.tenant, request.session_id)
         self._check_ready()
-        return convert.session_to_pb(await self._store.get_session(request.tenant, request.session_id))
+        info = await within_deadline(context, self._store.get_session(request.tenant, request.session_id))
+        return convert.session_to_pb(info)
 
     @grpc_errors
     async def AppendMessages(
@@ -51,7 +86,9 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
         if expected is not None:
             validation.check_seq("expected_last_seq", expected)
         self._check_ready()
-        result = await self._store.append(request.tenant, request.session_id, new, expected)
+        result = await within_deadline(
+            context, self._store.append(request.tenant, request.session_id, new, expected)
+        )
         return convert.append_to_pb(result)
 
     @grpc_errors
@@ -62,7 +99,9 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
         validation.check_seq("after_seq", request.after_seq)
         limit = validation.page_size(request.page_size, self._limits)
         self._check_ready()
-        page = await self._store.history(request.tenant, request.session_id, request.after_seq, limit)
+        page = await within_deadline(
+            context, self._store.history(request.tenant, request.session_id, request.after_seq, limit)
+        )
         return convert.history_to_pb(page)
 
     @grpc_errors
@@ -71,7 +110,9 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
     ) -> session_pb2.GetWindowResponse:
         validation.check_session_ref(request.tenant, request.session_id)
         self._check_ready()
-        window = await self._store.window(request.tenant, request.session_id, request.token_budget)
+        window = await within_deadline(
+            context, self._store.window(request.tenant, request.session_id, request.token_budget)
+        )
         return convert.window_to_pb(window)
 
     @grpc_errors
@@ -80,7 +121,7 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
     ) -> session_pb2.DeleteSessionResponse:
         validation.check_session_ref(request.tenant, request.session_id)
         self._check_ready()
-        await self._store.delete_session(request.tenant, request.session_id)
+        await within_deadline(context, self._store.delete_session(request.tenant, request.session_id))
         return session_pb2.DeleteSessionResponse()
 
     @grpc_errors
@@ -98,4 +139,5 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
     ) -> session_pb2.EraseUserDataResponse:
         validation.check_user_ref(request.tenant, request.user_id)
         self._check_ready()
-        return convert.erase_to_pb(await self._store.erase_user(request.tenant, request.user_id))
+        erased = await within_deadline(context, self._store.erase_user(request.tenant, request.user_id))
+        return convert.erase_to_pb(erased)

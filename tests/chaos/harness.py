@@ -285,7 +285,13 @@ class FaultProxy:
             return
         self._open |= {writer, up_writer}
         pair = (writer, up_writer)
-        await asyncio.gather(self._pipe(reader, up_writer, pair), self._pipe(up_reader, writer, pair))
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, pair), self._pipe(up_reader, writer, pair))
+        except asyncio.CancelledError:
+            # The proxy is closing. Ending normally keeps asyncio's stream callback from logging
+            # the cancellation as an error.
+            for w in pair:
+                self._reset(w)
 
     async def _pipe(
         self,

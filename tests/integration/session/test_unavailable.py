@@ -18,9 +18,10 @@ from services.common.errors import Unavailable
 from services.session.model import NewMessage, NewSession, Role
 from services.session.server import create_server
 from services.session.sql_store import SqlStore
+from tests.chaos.harness import FaultProxy
 
 from .conftest import session_config
-from .helpers import TENANT, append, create, history, msg, status_of
+from .helpers import TENANT, all_history, append, create, history, msg, status_of
 
 
 def free_port() -> int:
@@ -189,3 +190,51 @@ async def test_health_and_calls_follow_a_postgres_outage(migrated_postgres_url):
         await srv.stop(0)
         with contextlib.suppress(AssertionError):
             await proxy.stop()
+
+
+@pytest.mark.postgres
+async def test_a_hung_database_answers_unavailable_before_the_request_deadline_then_recovers(
+    migrated_postgres_url,
+):
+    target = make_url(migrated_postgres_url)
+    with FaultProxy(target.host or "127.0.0.1", target.port or 5432) as proxy:
+        url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        # The database bound is far longer than the caller's deadline: the deadline decides.
+        srv = await create_server(session_config(url, db_timeout_s=30.0, health_interval_s=60.0))
+        await srv.start()
+        try:
+            async with grpc.aio.insecure_channel(srv.address) as channel:
+                stub = session_pb2_grpc.SessionStoreStub(channel)
+                s = await create(stub)
+                await append(stub, s.session_id, msg("before"))
+
+                proxy.set(latency_s=60.0)
+                for call in (
+                    append(stub, s.session_id, msg("during"), timeout=1.0),
+                    history(stub, s.session_id, timeout=1.0),
+                    create(stub, timeout=1.0),
+                ):
+                    start = time.monotonic()
+                    err = await status_of(call)
+                    took = time.monotonic() - start
+                    # UNAVAILABLE, not DEADLINE_EXCEEDED: the service answered before the deadline.
+                    assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                    assert took < 1.5
+
+                proxy.heal()
+                proxy.reset_all()
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        reply = await append(
+                            stub, s.session_id, msg("after", client_msg_id="after"), timeout=2.0
+                        )
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                        assert time.monotonic() < deadline, "did not recover"
+                # The append given up on may or may not have committed; nothing else did.
+                assert reply.last_seq in (2, 3)
+                assert [m.content for m in await all_history(stub, s.session_id)][-1] == "after"
+        finally:
+            await srv.stop(0)
