@@ -11,9 +11,11 @@ import grpc
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from infermesh.session.v1 import governance_pb2, governance_pb2_grpc
 from services.common import apikeys
-from services.common.errors import FailedPrecondition, InvalidArgument, grpc_errors, unimplemented
+from services.common.errors import FailedPrecondition, InvalidArgument, grpc_errors
 from services.common.logs import request_id_var, trace_id_var
 from services.router.auth import KeyResolver, current_principal
+from services.router.drain import drain_endpoint
+from services.router.endpoints import EndpointMonitor
 from services.router.rbac import Role
 
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -116,4 +118,14 @@ class AdminServicer(router_pb2_grpc.AdminServicer):
         )
         return router_pb2.ListApiKeysResponse(keys=[_key_info(k) for k in resp.keys])
 
-    DrainEndpoint = unimplemented("DrainEndpoint")
+    # Set by the server factory: the endpoints DrainEndpoint acts on.
+    endpoints: EndpointMonitor | None = None
+
+    @grpc_errors
+    async def DrainEndpoint(
+        self, request: router_pb2.DrainEndpointRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.DrainEndpointResponse:
+        if self.endpoints is None:
+            raise FailedPrecondition("this router has no endpoints to drain")
+        await drain_endpoint(self.endpoints, request.address, self._timeout(context))
+        return router_pb2.DrainEndpointResponse()

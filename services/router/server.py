@@ -109,6 +109,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         guarded = auth.guard(server)
         router_pb2_grpc.add_InferenceServicer_to_server(inference, guarded)
         admin = AdminServicer(governance, roles, resolver, config.downstream_timeout_s)
+        admin.endpoints = endpoints
         router_pb2_grpc.add_AdminServicer_to_server(admin, guarded)
 
     async def on_stop() -> None:

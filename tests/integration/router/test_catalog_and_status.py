@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -61,20 +59,6 @@ async def test_cluster_status_lists_every_endpoint(mesh: Mesh) -> None:
     assert 0 < worker.report_age_ms < 500
     assert by_address[mesh.embedder_server.address].load.items_per_s == 100.0
     assert not by_address[mesh.session_server.address].HasField("load")
-
-
-UNBUILT: list[tuple[str, str, Any, str]] = [
-    ("Admin", "DrainEndpoint", router_pb2.DrainEndpointRequest(address="x:1"), "DrainEndpoint"),
-]
-
-
-@pytest.mark.parametrize(("service", "method", "request_pb", "what"), UNBUILT, ids=[u[1] for u in UNBUILT])
-async def test_unbuilt_rpcs_say_so(mesh: Mesh, service: str, method: str, request_pb: Any, what: str) -> None:
-    stub = getattr(router_pb2_grpc, f"{service}Stub")(mesh.channel)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await getattr(stub, method)(request_pb, timeout=5)
-    assert err.value.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert f"{what} is not implemented yet" in (err.value.details() or "")
 
 
 async def test_router_serves_before_any_worker_is_known() -> None:
