@@ -78,7 +78,8 @@ class WatchedStream:
     Too long means `stall_timeout_s` without a message once tokens flow; before the first
     one, the worker may be busy with a long prompt or a queue, so the wait only counts
     once the endpoint itself is no longer usable (its reports stopped, it went down or it
-    was ejected).
+    was ejected). A stall is only given up on when `can_move` says another worker could
+    take over: a slow worker is better than none.
     """
 
     def __init__(
@@ -87,11 +88,13 @@ class WatchedStream:
         address: str,
         usable: Callable[[], bool],
         stall_timeout_s: float,
+        can_move: Callable[[], bool] = lambda: True,
         check_interval_s: float = 0.1,
     ) -> None:
         self.call = call
         self.address = address
         self._usable = usable
+        self._can_move = can_move
         self._stall_timeout_s = stall_timeout_s
         self._check_interval_s = min(check_interval_s, stall_timeout_s)
         self._loop = asyncio.get_running_loop()
@@ -107,7 +110,8 @@ class WatchedStream:
                 if done:
                     break
                 gap = self._loop.time() - self._last
-                if gap >= self._stall_timeout_s and (self._flowing or not self._usable()):
+                stalled = gap >= self._stall_timeout_s and (self._flowing or not self._usable())
+                if stalled and self._can_move():
                     what = "no token" if self._flowing else "no first token and the worker is unusable"
                     raise StreamBroken("stalled", f"{what} for {gap:.1f}s")
             message = task.result()
@@ -161,6 +165,11 @@ class Failover:
     def _usable(self, address: str) -> bool:
         return self.endpoints.registry.is_usable(address, self.endpoints.clock())
 
+    def _elsewhere(self, model_id: str, exclude: frozenset[str]) -> bool:
+        """Whether a worker other than those in `exclude` could take the request now."""
+        now = self.endpoints.clock()
+        return bool(self.endpoints.registry.candidates(EndpointKind.WORKER, model_id, now, exclude))
+
     async def stream(
         self,
         req: worker_pb2.GenerateRequest,
@@ -189,7 +198,11 @@ class Failover:
             attempt = resume_request(req, delivered) if delivered else req
             call = self.endpoints.stub(address).Generate(attempt, timeout=remaining())
             stream = WatchedStream(
-                call, address, functools.partial(self._usable, address), self.stall_timeout_s
+                call,
+                address,
+                functools.partial(self._usable, address),
+                self.stall_timeout_s,
+                functools.partial(self._elsewhere, model_id, frozenset([*failed, address])),
             )
             try:
                 while (resp := await stream.read()) is not grpc.aio.EOF:

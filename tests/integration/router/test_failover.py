@@ -137,3 +137,18 @@ async def test_no_worker_left_to_continue_is_unavailable_naming_the_failure() ->
             await read_all(stub.Generate(chat_request(TEXT), timeout=10))
         assert err.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "failover_attempts=2" in (err.value.details() or "")
+
+
+async def test_a_stall_with_nowhere_to_go_waits_for_the_slow_worker() -> None:
+    worker = FakeWorker("only", token_delay_s=0.01)
+    server = await start_fake(worker)
+    try:
+        async with router_for([server.address], stall_timeout_s=0.2) as stub:
+            await wait_healthy(stub, {server.address})
+            _, task = await started_on_a([worker], stub)
+            await asyncio.sleep(0.8)  # stalled well past the timeout, but no other worker exists
+            worker.release.set()
+            responses = await task
+            assert text_of(responses) == EXPECTED and not failovers(responses)
+    finally:
+        await server.stop(0)
