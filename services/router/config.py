@@ -25,8 +25,18 @@ class RouterConfig:
     grace_s: float = setting(10.0, "Seconds in-flight streams get to finish on shutdown.", min=0)
     router_id: str = setting("", "Name of this replica in cluster status; empty generates one.")
 
-    worker_addresses: list[str] = setting([], "host:port of each generation worker.")
-    embedder_addresses: list[str] = setting([], "host:port of each embedder.")
+    worker_addresses: list[str] = setting(
+        [],
+        "host:port of each generation worker; dns:///host:port stands for every address the name "
+        "resolves to (a headless Kubernetes Service: every ready pod), resolved again every "
+        "discovery_interval_s.",
+    )
+    embedder_addresses: list[str] = setting(
+        [], "host:port of each embedder (dns:///host:port as for worker_addresses)."
+    )
+    discovery_interval_s: float = setting(
+        5.0, "How often dns:/// addresses are resolved again to follow pods that come and go.", min=0.1
+    )
     session_address: str = setting("", "host:port of the session service; empty disables sessions.")
 
     default_chat_model: str = setting(
@@ -253,6 +263,6 @@ class RouterConfig:
 
 
 def _check_address(name: str, address: str) -> None:
-    host, sep, port = address.rpartition(":")
+    host, sep, port = address.removeprefix("dns:///").rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{name}={address!r}: must be host:port")

@@ -110,26 +110,62 @@ class EndpointMonitor:
                 self.registry.add(address, kind)
                 self._kinds[address] = kind
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._follows: dict[str, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         for address, kind in self._kinds.items():
-            self._channels[address] = aio_channel(
-                address,
-                self.tls,
-                options=channel_options(self.backoff_max_s),
-                interceptors=client_interceptors(),
-            )
-            self._tasks.append(asyncio.create_task(self._follow(address, kind), name=f"follow {address}"))
+            self._open(address, kind)
+
+    def _open(self, address: str, kind: EndpointKind) -> None:
+        self._channels[address] = aio_channel(
+            address,
+            self.tls,
+            options=channel_options(self.backoff_max_s),
+            interceptors=client_interceptors(),
+        )
+        self._follows[address] = asyncio.create_task(self._follow(address, kind), name=f"follow {address}")
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._follows.values(), *self._closing]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._follows.clear()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+    # --- service discovery (see discovery.py) ------------------------------------------------
+
+    def add_endpoint(self, address: str, kind: EndpointKind) -> None:
+        """Follow an endpoint found after start; one retired earlier comes back."""
+        if address in self._follows:
+            return
+        if address in self._kinds:
+            self.registry.restore(address)
+        else:
+            self.registry.add(address, kind)
+            self._kinds[address] = kind
+        self._open(address, kind)
+
+    def retire_endpoint(self, address: str, grace_s: float) -> None:
+        """No new requests to `address`; its channel closes once in-flight streams had grace_s."""
+        follow = self._follows.pop(address, None)
+        if follow is None:
+            return
+        follow.cancel()
+        self.registry.retire(address)
+        channel = self._channels[address]
+        task = asyncio.create_task(self._close_later(address, channel, grace_s), name=f"retire {address}")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_later(self, address: str, channel: grpc.aio.Channel, grace_s: float) -> None:
+        await asyncio.sleep(grace_s)
+        if self._channels.get(address) is channel:
+            del self._channels[address]
+        await channel.close()
 
     def stub(self, address: str) -> Any:
         stub_cls, _ = _PROTOCOLS[self._kinds[address]]

@@ -31,6 +31,7 @@ class EndpointState:
     prefill_tokens_per_s: float = 0.0
     errors: int = 0  # consecutive failed requests
     ejected_until: float = 0.0
+    retired: bool = False  # left service discovery: no new requests, not listed
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,18 @@ class Registry:
         if address in self._endpoints:
             raise ValueError(f"endpoint {address} is already registered")
         self._endpoints[address] = EndpointState(address, kind)
+
+    def retire(self, address: str) -> None:
+        """The endpoint left service discovery: no new requests, not listed. Its state stays for
+        the requests still running there (and in case the same address comes back)."""
+        self._endpoints[address].retired = True
+
+    def restore(self, address: str) -> None:
+        """A retired endpoint was discovered again; it is placed on once it reports."""
+        state = self._endpoints[address]
+        state.retired = False
+        state.up = False
+        state.error = "rediscovered, not reached yet"
 
     def on_info(self, address: str, endpoint_id: str, models: tuple[ModelSpec, ...]) -> None:
         state = self._endpoints[address]
@@ -115,6 +128,8 @@ class Registry:
         state.ejected_until = 0.0
 
     def _assess(self, state: EndpointState, now: float) -> tuple[bool, str]:
+        if state.retired:
+            return False, "left service discovery"
         if not state.up:
             return False, f"down: {state.error}"
         if state.load is None or state.reported_at is None:
@@ -134,6 +149,8 @@ class Registry:
     def views(self, now: float) -> list[EndpointView]:
         out = []
         for state in self._endpoints.values():
+            if state.retired:
+                continue
             usable, detail = self._assess(state, now)
             age = None if state.reported_at is None else max(0.0, now - state.reported_at)
             out.append(EndpointView(state.address, state.kind, usable, detail, state.load, age, state.models))

@@ -17,6 +17,8 @@ from services.router.audit import AuditSink
 from services.router.auth import DEFAULT_TENANT, Authenticator, KeyResolver, Principal
 from services.router.call_guard import CallGuard
 from services.router.config import RouterConfig
+from services.router.discovery import Discovery, split_addresses
+from services.router.domain import EndpointKind
 from services.router.endpoints import EndpointMonitor, channel_options
 from services.router.guardrails.policy import GuardrailConfig
 from services.router.metrics import RouterCollector
@@ -42,8 +44,8 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     tls = TlsConfig.of(config)
     endpoints = EndpointMonitor(
         tls=tls,
-        workers=config.worker_addresses,
-        embedders=config.embedder_addresses,
+        workers=split_addresses(config.worker_addresses)[0],
+        embedders=split_addresses(config.embedder_addresses)[0],
         report_interval_ms=config.load_report_interval_ms,
         stale_after_s=config.endpoint_stale_s,
         rpc_timeout_s=config.downstream_timeout_s,
@@ -114,6 +116,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
 
     async def on_stop() -> None:
         await inference.batches.stop()
+        await discovery.stop()
         await endpoints.stop()
         await sink.stop()
         await quotas.close()
@@ -131,6 +134,13 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         collectors=[RouterCollector(inference.generation.admission, endpoints)],
     )
     await endpoints.start()
+    discovery = Discovery(
+        endpoints,
+        [(name, EndpointKind.WORKER) for name in split_addresses(config.worker_addresses)[1]]
+        + [(name, EndpointKind.EMBEDDER) for name in split_addresses(config.embedder_addresses)[1]],
+        config.discovery_interval_s,
+    )
+    await discovery.start()
     await inference.batches.start()
     sink.start()
     return server

@@ -117,7 +117,10 @@ def test_services_route_to_the_right_pods_and_ports(
     }
     for kind, addresses in targets.items():
         (address,) = addresses
-        name, port = address.rsplit(":", 1)
+        if kind != "session":
+            # Resolved by the router to every pod behind the headless Service.
+            assert address.startswith("dns:///"), f"{kind}: {address} names one address, not every pod"
+        name, port = address.removeprefix("dns:///").rsplit(":", 1)
         service = services[name]
         labels = containers[kind][0]["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items(), f"{name} selects no {kind} pod"
@@ -125,6 +128,7 @@ def test_services_route_to_the_right_pods_and_ports(
         assert service_port["port"] == int(port)
     # Headless: the name resolves to every worker pod, not one virtual IP.
     assert services["infermesh-worker"]["spec"]["clusterIP"] == "None"
+    assert services["infermesh-embedder"]["spec"]["clusterIP"] == "None"
     assert services["infermesh-router"]["spec"].get("clusterIP") != "None"
 
 
