@@ -236,6 +236,36 @@ class _Guarded:
         self._server.add_registered_method_handlers(service, wrapped)
 
 
+class _Malformed:
+    """Stands in for a request whose bytes are no valid message, so that the call is answered
+    INVALID_ARGUMENT instead of grpc's UNKNOWN from a failed deserializer."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+    parse = deserialize
+
+    def lenient(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError and friends: any byte string may arrive
+            return _Malformed(exc)
+
+    return lenient
+
+
+async def _reject_malformed(request: Any, method: str, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, _Malformed):
+        name = method.rsplit("/", 1)[-1]
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {name} request message ({request.error})"
+        )
+
+
 def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> grpc.RpcMethodHandler:
     # grpc.aio runs each RPC in its own task (its own context copy): no reset needed.
     def enter(principal: Principal) -> None:
@@ -246,6 +276,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> g
         inner_unary = handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await _reject_malformed(request, method, context)
             with span("auth"):
                 principal = await auth.admit(method, request, context)
             enter(principal)
@@ -263,12 +294,13 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> g
                 await _abort(context, exc)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary, handler.request_deserializer, handler.response_serializer
+            unary, _lenient(handler.request_deserializer), handler.response_serializer
         )
     if handler.unary_stream is not None:
         inner_stream = handler.unary_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await _reject_malformed(request, method, context)
             with span("auth"):
                 principal = await auth.admit(method, request, context)
             enter(principal)
@@ -294,6 +326,6 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> g
                 yield item
 
         return grpc.unary_stream_rpc_method_handler(
-            stream, handler.request_deserializer, handler.response_serializer
+            stream, _lenient(handler.request_deserializer), handler.response_serializer
         )
     return handler  # the public API has no client-streaming methods
