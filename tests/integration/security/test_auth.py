@@ -145,6 +145,19 @@ async def test_security_events_reach_the_audit_log_without_keys(secure_mesh: Sec
     assert [e.key_prefix for e in created_events] == [created.key_prefix]
     denied = (await secure_mesh.audit("PERMISSION_DENIED", "team-d"))[0]
     assert denied.key_prefix == created.key_prefix and denied.method.endswith("/ListApiKeys")
+    session = await secure_mesh.inference.CreateSession(
+        router_pb2.CreateSessionRequest(user_id="u"), timeout=5, metadata=bearer(created.api_key)
+    )
+    await secure_mesh.inference.DeleteSession(
+        router_pb2.DeleteSessionRequest(session_id=session.session_id),
+        timeout=5,
+        metadata=bearer(created.api_key),
+    )
+
+    async def erased() -> bool:
+        return bool(await secure_mesh.audit("ERASURE", "team-d"))
+
+    await wait_until(erased, timeout=10, what="erasure audited")
     admin_calls = await secure_mesh.audit("ADMIN_CALL", "ops")
     assert any(e.method.endswith("/CreateApiKey") for e in admin_calls)
     for event in await secure_mesh.audit():
