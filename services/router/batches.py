@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -27,12 +27,15 @@ from infermesh.router.v1 import router_pb2
 from services.common.errors import DomainError, InvalidArgument, NotFound
 from services.common.logs import tenant_var
 from services.router import convert
-from services.router.auth import Principal, authorize_model, current_principal, principal_var
+from services.router.auth import GENERATE, Principal, authorize_model, current_principal, principal_var
 from services.router.batch_store import BatchStore, JobRow, JobState, PendingItem
 from services.router.config import RouterConfig
 from services.router.generation import Generation
 from services.router.rbac import Role
 from services.router.validation import validate_generate
+
+if TYPE_CHECKING:
+    from services.router.call_guard import CallGuard
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +158,8 @@ class BatchService:
             item_attempts=config.batch_item_attempts,
             lease_s=config.batch_lease_s,
         )
+        # Quotas and guardrails, as for a Generate call (set by the server factory).
+        self.guard: CallGuard | None = None
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -340,6 +345,16 @@ class BatchService:
                 lost.set()
                 return
 
+    def _generate(self, request: router_pb2.GenerateRequest) -> AsyncIterator[router_pb2.GenerateResponse]:
+        def run() -> AsyncIterator[router_pb2.GenerateResponse]:
+            return self.generation.stream(request, _ItemContext(self.limits.item_timeout_s))  # type: ignore[arg-type]
+
+        principal = current_principal()
+        if self.guard is None or principal is None:
+            return run()
+        # Each item is charged to the tenant's quota and checked like a Generate call.
+        return self.guard.generate(request, principal.tenant, principal.key_prefix, GENERATE, run)
+
     async def _execute(self, batch_id: str, item: PendingItem) -> router_pb2.BatchResult:
         """One item through Generate; overload and unavailability are waited out, up to item_attempts."""
         request = router_pb2.GenerateRequest.FromString(item.request)
@@ -350,7 +365,7 @@ class BatchService:
         for attempt in range(1, self.limits.item_attempts + 1):
             parts: list[str] = []
             try:
-                async for resp in self.generation.stream(request, _ItemContext(self.limits.item_timeout_s)):  # type: ignore[arg-type]
+                async for resp in self._generate(request):
                     parts.append(resp.text)
                     if resp.finish_reason:
                         result.finish_reason = resp.finish_reason

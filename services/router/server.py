@@ -106,6 +106,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         )
     router_id = config.router_id or f"router-{uuid.uuid4().hex[:8]}"
     inference = InferenceServicer(config, endpoints, sessions, router_id)
+    inference.batches.guard = auth.call_guard
 
     def register(server: grpc.aio.Server) -> None:
         guarded = auth.guard(server)
