@@ -27,12 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 from opentelemetry import trace  # noqa: E402
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import (  # noqa: E402
-    BatchSpanProcessor,
-    SpanExporter,
-    SpanExportResult,
-)
+from opentelemetry.sdk.trace import ReadableSpan  # noqa: E402
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult  # noqa: E402
 
 from services.common import telemetry  # noqa: E402
 
@@ -108,16 +104,13 @@ async def main(args: argparse.Namespace) -> None:
     base = off["bare server"]
     rows += [(name, *v, v[0] / base[0], v[1] / base[1]) for name, v in off.items()]
 
-    provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(_Drop()))
-    trace.set_tracer_provider(provider)
-    telemetry._provider = provider  # what configure_tracing does, minus the OTLP exporter
+    telemetry.configure_tracing("bench", "", exporter=_Drop())
     on = await _phase(
         {"bare server ": [], "tracing on (metrics + spans)": telemetry.server_interceptors()}, args
     )
     base = on["bare server "]
     rows += [(name, *v, v[0] / base[0], v[1] / base[1]) for name, v in on.items()]
-    provider.shutdown()
+    telemetry.shutdown_tracing()
 
     print(
         f"{args.calls} unary calls and 10 streams of {args.stream} messages per round, {args.rounds} rounds"

@@ -103,7 +103,7 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         kind = _rpc_type(handler)
         labels = (service, method, kind)
-        behavior, factory = _behavior(handler)
+        behavior, factory = handler_behavior(handler)
         if inspect.isasyncgenfunction(behavior):
 
             async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
@@ -138,7 +138,8 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-def _behavior(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def handler_behavior(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """The handler's function and the grpc factory that builds a handler of its kind."""
     if handler.request_streaming and handler.response_streaming:
         return handler.stream_stream, grpc.stream_stream_rpc_method_handler
     if handler.request_streaming:

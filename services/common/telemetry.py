@@ -9,6 +9,7 @@ router's channels carry the current context to the session service, workers and 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -18,7 +19,7 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Setter
 
-from services.common.metrics import GrpcMetricsInterceptor
+from services.common.metrics import GrpcMetricsInterceptor, handler_behavior
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +31,25 @@ _UNTRACED_METHODS = ("StreamLoad",)
 _provider: Any = None
 
 
-def configure_tracing(service: str, otlp_endpoint: str) -> bool:
-    """Export spans to the OTLP/gRPC collector at `otlp_endpoint` (host:port); "" leaves tracing off."""
+def configure_tracing(service: str, otlp_endpoint: str, *, exporter: Any = None) -> bool:
+    """Export spans to the OTLP/gRPC collector at `otlp_endpoint` (host:port), or to `exporter`
+    (an SDK SpanExporter: tests, benchmarks); neither leaves tracing off. Once per process."""
     global _provider
-    if not otlp_endpoint:
+    if not otlp_endpoint and exporter is None:
         return False
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    if exporter is None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)
     provider = TracerProvider(resource=Resource.create({"service.name": f"infermesh-{service}"}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     _provider = provider
-    logger.info("tracing on", extra={"otlp_endpoint": otlp_endpoint})
+    logger.info("tracing on", extra={"otlp_endpoint": otlp_endpoint or type(exporter).__name__})
     return True
 
 
@@ -85,11 +90,36 @@ def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     """Every server's interceptors: a span per RPC when tracing is on (outermost), then metrics."""
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if tracing_enabled():
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor
-
-        interceptors.append(aio_server_interceptor(filter_=_traced))
+        interceptors.append(_TracingInterceptor())
     interceptors.append(GrpcMetricsInterceptor())
     return interceptors
+
+
+class _TracingInterceptor(grpc.aio.ServerInterceptor):
+    """opentelemetry-instrumentation-grpc's aio server interceptor, for the handlers it can wrap:
+    it iterates every response-streaming behaviour, so a streaming handler written as a
+    coroutine (`context.write`, or one that only aborts) is left untraced rather than broken."""
+
+    def __init__(self) -> None:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        self._otel = aio_server_interceptor(filter_=_traced)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or (
+            handler.response_streaming and not inspect.isasyncgenfunction(handler_behavior(handler)[0])
+        ):
+            return handler
+
+        async def resolved(_: grpc.HandlerCallDetails) -> Any:
+            return handler
+
+        return await self._otel.intercept_service(resolved, handler_call_details)
 
 
 def _with_trace_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
