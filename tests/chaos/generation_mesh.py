@@ -60,6 +60,24 @@ class Mesh:
         status = await self.stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5)
         return {e.address for e in status.endpoints if e.healthy}
 
+    async def has(self, address: str) -> bool:
+        """The router counts `address` as healthy."""
+        return address in await self.healthy()
+
+    async def lacks(self, address: str) -> bool:
+        return not await self.has(address)
+
+    async def busiest(self, progress: dict[str, Stream], streams: int, max_tokens: int) -> str:
+        """Once all `streams` have tokens: the worker carrying the most unfinished ones."""
+
+        def started() -> bool:
+            return len(progress) == streams and all(s.token_ids for s in progress.values())
+
+        await wait_until(started, 60)
+        on = [s.workers[0] for s in progress.values() if len(s.token_ids) < max_tokens]
+        assert on, "every stream finished before the fault could be injected"
+        return max(set(on), key=on.count)
+
 
 @contextlib.asynccontextmanager
 async def generation_mesh(log_dir: Path, workers: int = 2, **router_env: str) -> AsyncIterator[Mesh]:
@@ -171,6 +189,24 @@ async def generate(
         out.pushback_ms = None if pushback is None else int(pushback)
     out.ended = time.monotonic()
     return out
+
+
+def under_way(
+    mesh: Mesh, prompts: list[str], max_tokens: int, timeout_s: float, progress: dict[str, Stream]
+) -> list[asyncio.Task[Stream]]:
+    """Start one stream per prompt; `progress` shows each one as it goes."""
+    return [
+        asyncio.create_task(
+            generate(
+                mesh.stub,
+                p,
+                max_tokens=max_tokens,
+                timeout_s=timeout_s,
+                on_message=lambda s: progress.__setitem__(s.prompt, s),
+            )
+        )
+        for p in prompts
+    ]
 
 
 def lost_and_duplicated(reference: list[int], got: list[int]) -> tuple[int, int]:

@@ -8,8 +8,15 @@ import signal
 import time
 from pathlib import Path
 
-from tests.chaos.generation_mesh import PROMPTS, Stream, generate, generation_mesh, lost_and_duplicated
-from tests.chaos.harness import DrillResult, record, wait_until
+from tests.chaos.generation_mesh import (
+    PROMPTS,
+    Stream,
+    generate,
+    generation_mesh,
+    lost_and_duplicated,
+    under_way,
+)
+from tests.chaos.harness import DrillResult, record
 
 STREAMS = 16
 MAX_TOKENS = 32
@@ -27,22 +34,9 @@ async def test_sigkill_a_worker_under_concurrent_streams(log_dir: Path) -> None:
         ]
 
         progress: dict[str, Stream] = {}
-        tasks = [
-            asyncio.create_task(
-                generate(
-                    mesh.stub,
-                    p,
-                    max_tokens=MAX_TOKENS,
-                    timeout_s=TIMEOUT_S,
-                    on_message=lambda s: progress.__setitem__(s.prompt, s),
-                )
-            )
-            for p in prompts
-        ]
+        tasks = under_way(mesh, prompts, MAX_TOKENS, TIMEOUT_S, progress)
         # Kill once every stream is under way, on the worker that carries the most of them.
-        await wait_until(lambda: len(progress) == STREAMS and all(s.token_ids for s in progress.values()), 60)
-        on = [s.workers[0] for s in progress.values() if len(s.token_ids) < MAX_TOKENS]
-        victim = max(set(on), key=on.count)
+        victim = await mesh.busiest(progress, STREAMS, MAX_TOKENS)
         killed_at = time.monotonic()
         mesh.worker_at(victim).stop(signal.SIGKILL)
         streams = await asyncio.gather(*tasks)
