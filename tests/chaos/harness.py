@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from services.common.server import wait_serving
@@ -42,6 +42,7 @@ __all__ = [
     "free_port",
     "record",
     "recorded",
+    "recording",
     "wait_until",
 ]
 
@@ -91,6 +92,17 @@ def record(result: DrillResult) -> DrillResult:
 
 def recorded() -> list[DrillResult]:
     return list(_RESULTS)
+
+
+@contextlib.contextmanager
+def recording(result: DrillResult) -> Iterator[DrillResult]:
+    """Record `result` when the block ends; a drill that raised before deciding is a FAIL."""
+    try:
+        yield result
+    finally:
+        if result.passed is None:
+            result.passed = False
+        record(result)
 
 
 _COLUMNS = ("drill", "load", "injected", "total", "ok", "failed", "lost", "dup", "recovery", "result")

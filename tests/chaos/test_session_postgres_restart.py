@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from infermesh.session.v1 import session_pb2_grpc
-from tests.chaos.harness import DrillResult, ThrowawayPostgres, record, wait_until
+from tests.chaos.harness import DrillResult, ThrowawayPostgres, recording, wait_until
 from tests.chaos.session_load import AppendLoad, session_env, session_service
 
 DOWN_S = 1.0
@@ -29,40 +29,38 @@ async def test_restart_postgres_during_appends_with_retries(tmp_path: Path, log_
     await postgres.start()
     result = DrillResult("5 postgres restart", "16 writers, 1000 appends", f"stop postgres {DOWN_S:.0f} s")
     running: asyncio.Task[None] | None = None
-    try:
-        env = session_env(postgres.url, tmp_path, db_timeout_s="2", health_interval_s="0.5")
-        async with (
-            session_service(env, log_dir) as service,
-            grpc.aio.insecure_channel(service.address) as channel,
-        ):
-            load = AppendLoad(session_pb2_grpc.SessionStoreStub(channel), retry=True)
-            await load.create_sessions()
-            running = asyncio.create_task(load.run())
+    with recording(result):
+        try:
+            env = session_env(postgres.url, tmp_path, db_timeout_s="2", health_interval_s="0.5")
+            async with (
+                session_service(env, log_dir) as service,
+                grpc.aio.insecure_channel(service.address) as channel,
+            ):
+                load = AppendLoad(session_pb2_grpc.SessionStoreStub(channel), retry=True)
+                await load.create_sessions()
+                running = asyncio.create_task(load.run())
 
-            await wait_until(lambda: load.done >= 300, timeout=60)
-            postgres.stop(signal.SIGINT)
-            await asyncio.sleep(DOWN_S)
-            await postgres.start()
-            back_at = time.monotonic()
-            acked_before = len(load.acked)
-            result.recovery_s = await wait_until(lambda: len(load.acked) > acked_before, timeout=30)
-            await asyncio.wait_for(running, timeout=120)
-            verdict = await load.verify()
-            assert service.proc is not None and service.proc.poll() is None, service.log_tail()
+                await wait_until(lambda: load.done >= 300, timeout=60)
+                postgres.stop(signal.SIGINT)
+                await asyncio.sleep(DOWN_S)
+                await postgres.start()
+                back_at = time.monotonic()
+                acked_before = len(load.acked)
+                result.recovery_s = await wait_until(lambda: len(load.acked) > acked_before, timeout=30)
+                await asyncio.wait_for(running, timeout=120)
+                verdict = await load.verify()
+                assert service.proc is not None and service.proc.poll() is None, service.log_tail()
 
-        retries = sum(not a.ok for a in load.attempts)
-        result.total, result.completed, result.failed = load.total, len(load.acked), len(load.gave_up)
-        result.lost, result.duplicates = verdict.lost, verdict.duplicates
-        result.note = f"{retries} retried attempts"
-        result.passed = verdict.clean and len(load.acked) == load.total
-        assert verdict.clean, verdict
-        assert len(load.acked) == load.total and not load.gave_up
-        # The outage was felt: otherwise the drill proved nothing.
-        assert retries > 0 and any(a.at >= back_at for a in load.attempts)
-    finally:
-        if running is not None:
-            running.cancel()
-        if result.passed is None:
-            result.passed = False
-        record(result)
-        postgres.remove()
+            retries = sum(not a.ok for a in load.attempts)
+            result.total, result.completed, result.failed = load.total, len(load.acked), len(load.gave_up)
+            result.lost, result.duplicates = verdict.lost, verdict.duplicates
+            result.note = f"{retries} retried attempts"
+            result.passed = verdict.clean and len(load.acked) == load.total
+            assert verdict.clean, verdict
+            assert len(load.acked) == load.total and not load.gave_up
+            # The outage was felt: otherwise the drill proved nothing.
+            assert retries > 0 and any(a.at >= back_at for a in load.attempts)
+        finally:
+            if running is not None:
+                running.cancel()
+            postgres.remove()
