@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from services.common import tls
 from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, setting
+from services.router.catalog import CatalogError, load_catalog
 from services.router.quotas import QuotaLimits, QuotaSpecError, build_limits
 from services.router.rbac import RoleError, build_roles
 
@@ -138,6 +139,16 @@ class RouterConfig:
     batch_hold_max_s: float = setting(
         30.0, "Longest a BATCH request is held back while the ladder holds BATCH.", min=0
     )
+    catalog_file: str = setting(
+        "",
+        "TOML model catalog ([[model]] tables: id, tier, context_length, device, min_memory_gb, "
+        "description), served by ListModels and used for hardware filtering, fallback tiers and "
+        "model 'auto'; empty: the models the workers report.",
+    )
+    auto_long_prompt_tokens: list[int] = setting(
+        [512, 2048],
+        "Prompt tokens from which model 'auto' calls for the medium, then the large tier.",
+    )
 
     auth_enabled: bool = setting(
         False,
@@ -244,6 +255,11 @@ class RouterConfig:
             raise ConfigError(
                 f"router.quota_redis_url scheme {redis_scheme!r}: must be redis, rediss or unix"
             )
+        if self.catalog_file:
+            try:
+                load_catalog(self.catalog_file)
+            except CatalogError as exc:
+                raise ConfigError(f"router.catalog_file={exc}") from None
         thresholds = self.degradation_thresholds_s
         if len(thresholds) != 5 or thresholds != sorted(thresholds) or thresholds[0] <= 0:
             raise ConfigError(

@@ -59,19 +59,30 @@ def _same_named(source: object, cls: type, skip: frozenset[str] = frozenset()) -
     return {f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if f.name not in skip}
 
 
-_MODEL_OWN = frozenset({"kind"})
+_MODEL_OWN = frozenset({"kind", "device_type"})
 _DEVICE_OWN = frozenset({"type"})
 _LOAD_OWN = frozenset({"at", "models", "device"})
 
 
 def model_from_pb(m: common_pb2.ModelInfo) -> ModelSpec:
     kind = _MODEL_KIND_FROM_PB.get(m.kind, ModelKind.UNSPECIFIED)
-    return ModelSpec(**_same_named(m, ModelSpec, _MODEL_OWN), kind=kind)
+    device = _device_type_from_pb(m.device_type)
+    return ModelSpec(**_same_named(m, ModelSpec, _MODEL_OWN), kind=kind, device_type=device)
 
 
 def model_to_pb(m: ModelSpec) -> common_pb2.ModelInfo:
     kind = _MODEL_KIND_TO_PB.get(m.kind, common_pb2.MODEL_KIND_UNSPECIFIED)
-    return common_pb2.ModelInfo(**_same_named(m, ModelSpec, _MODEL_OWN), kind=kind)
+    out = common_pb2.ModelInfo(**_same_named(m, ModelSpec, _MODEL_OWN), kind=kind)
+    if m.device_type:
+        out.device_type = common_pb2.DeviceType.Value(_DEVICE_PREFIX + m.device_type.upper())
+    return out
+
+
+def _device_type_from_pb(value: int) -> str:
+    """The device type's short name ("cpu", "cuda"...); "" for unspecified or unknown values."""
+    if not value or value not in common_pb2.DeviceType.values():
+        return ""
+    return common_pb2.DeviceType.Name(value).removeprefix(_DEVICE_PREFIX).lower()
 
 
 def models_from_pb(models: Sequence[common_pb2.ModelInfo]) -> tuple[ModelSpec, ...]:
@@ -79,9 +90,7 @@ def models_from_pb(models: Sequence[common_pb2.ModelInfo]) -> tuple[ModelSpec, .
 
 
 def _device_from_pb(d: common_pb2.DeviceInfo) -> DeviceSpec:
-    name = common_pb2.DeviceType.Name(d.type) if d.type in common_pb2.DeviceType.values() else ""
-    kind = name.removeprefix(_DEVICE_PREFIX).lower() if d.type else ""
-    return DeviceSpec(**_same_named(d, DeviceSpec, _DEVICE_OWN), type=kind)
+    return DeviceSpec(**_same_named(d, DeviceSpec, _DEVICE_OWN), type=_device_type_from_pb(d.type))
 
 
 def load_from_pb(r: common_pb2.LoadReport) -> LoadSnapshot:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.router.catalog import TIERS
 from services.router.domain import Degradation, DegradationStep, ModelSpec
 from services.router.queues import Priority
 
@@ -126,10 +127,6 @@ class Ladder:
         if not math.isfinite(excess):
             excess = self.config.thresholds_s[-1]
         return max(self.config.min_retry_after_ms, math.ceil(excess * 1000))
-
-
-# Size tiers of the model catalog, smallest first.
-TIERS = ("small", "medium", "large")
 
 
 def fallback_model(model: ModelSpec, catalog: Sequence[ModelSpec], needed_tokens: int) -> str | None:

@@ -37,6 +37,9 @@ class ModelSpec:
     family: str = ""
     tier: str = ""
     source: str = ""
+    description: str = ""
+    device_type: str = ""  # needed device ("cpu", "cuda", "mps"); "" = any
+    min_memory_bytes: int = 0  # device memory needed
 
 
 @dataclass(frozen=True)

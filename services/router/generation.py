@@ -13,12 +13,13 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from infermesh.router.v1 import router_pb2
-from services.common.errors import FailedPrecondition
+from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.common.logs import request_id_var
 from services.common.telemetry import span
 from services.router import convert
 from services.router.admission import Admission, Capacity
 from services.router.auth import authorize_model
+from services.router.catalog import AUTO, TIERS, auto_quality, pick_auto
 from services.router.config import RouterConfig
 from services.router.degradation import LadderConfig, Load
 from services.router.domain import (
@@ -27,6 +28,7 @@ from services.router.domain import (
     EndpointKind,
     GenerateParams,
     HistoryMessage,
+    ModelKind,
 )
 from services.router.endpoints import EndpointMonitor
 from services.router.failover import Failover, Relayed
@@ -129,6 +131,7 @@ class Generation:
         params = convert.generate_from_pb(req)
         request_id = params.request_id or uuid.uuid4().hex
         request_id_var.set(request_id)
+        params = self._resolve_auto(params)
         resolved = validate_generate(
             params, self.endpoints.registry.catalog(), self.config.default_chat_model, self.limits
         )
@@ -144,7 +147,11 @@ class Generation:
             prompt_tokens=estimate_tokens(params.prompt or "", *(m.content for m in messages)),
             max_tokens=resolved.max_tokens,
             session_id=params.session_id,
-            needs=HardwareNeeds(context_tokens=resolved.max_tokens),
+            needs=HardwareNeeds(
+                device_type=resolved.model.device_type,
+                min_memory_bytes=resolved.model.min_memory_bytes,
+                context_tokens=resolved.max_tokens,
+            ),
         )
         plan = await self.overload.plan(
             worker_req,
@@ -176,6 +183,29 @@ class Generation:
             relayed = self.failover.stream(worker_req, plan.model, ask, deadline.remaining)
             async for out in self._relay(relayed, plan.model, turn, plan.cache_key):
                 yield out
+
+    def _resolve_auto(self, params: GenerateParams) -> GenerateParams:
+        """`auto` (or `auto:<tier>`) becomes the served chat model its prompt and tier call for."""
+        quality = auto_quality(params.model)
+        if quality is None:
+            return params
+        if quality not in ("", *TIERS):
+            choices = ", ".join(f"{AUTO}:{t}" for t in TIERS)
+            raise InvalidArgument("model", f"{params.model!r}: {AUTO} takes no tier or one of {choices}")
+        registry, now = self.endpoints.registry, self.endpoints.clock()
+        served = [
+            m for m in registry.catalog(ModelKind.CHAT) if registry.candidates(EndpointKind.WORKER, m.id, now)
+        ]
+        prompt_tokens = estimate_tokens(params.prompt or "", *(m.content for m in params.messages))
+        max_tokens = params.max_tokens or self.config.default_max_tokens
+        picked = pick_auto(quality, prompt_tokens, max_tokens, served, self.config.auto_long_prompt_tokens)
+        if picked is None:
+            known = ", ".join(f"{m.id} ({m.tier or 'no tier'})" for m in served) or "none"
+            raise Unavailable(
+                f"model {params.model!r}: no served chat model with a tier holds "
+                f"{prompt_tokens + max_tokens} tokens (served: {known})"
+            )
+        return replace(params, model=picked.id)
 
     async def _load_history(self, turn: _Turn) -> None:
         """Fetch the session window; NOT_FOUND fails the request, an unreachable store degrades it."""

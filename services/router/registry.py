@@ -8,8 +8,10 @@ its latest report is fresh, it is not draining and it is not ejected for repeate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.router.catalog import merge
 from services.router.domain import EndpointKind, LoadSnapshot, ModelKind, ModelSpec
 from services.router.placement import Candidate
 
@@ -51,6 +53,7 @@ class Registry:
         self.eject_after_errors = eject_after_errors
         self.eject_s = eject_s
         self._endpoints: dict[str, EndpointState] = {}
+        self._configured: tuple[ModelSpec, ...] = ()
 
     def add(self, address: str, kind: EndpointKind) -> None:
         if address in self._endpoints:
@@ -194,13 +197,20 @@ class Registry:
         ]
         return "; ".join(parts) if parts else f"no {kind.value} configured"
 
+    def configure_models(self, models: Sequence[ModelSpec]) -> None:
+        """The operator's model catalog: listed even before (or without) a worker serving them."""
+        self._configured = tuple(models)
+
     def catalog(self, kind: ModelKind | None = None) -> list[ModelSpec]:
-        """Models known from every endpoint, first-seen order, the smallest context where they differ."""
+        """The configured catalog, then models only endpoints report (first-seen order, the
+        smallest context where they differ)."""
+        models = merge(self._reported(), self._configured)
+        return [m for m in models if kind is None or m.kind is kind]
+
+    def _reported(self) -> list[ModelSpec]:
         merged: dict[str, ModelSpec] = {}
         for state in self._endpoints.values():
             for model in state.models:
-                if kind is not None and model.kind is not kind:
-                    continue
                 known = merged.get(model.id)
                 if known is None:
                     merged[model.id] = model

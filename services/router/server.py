@@ -16,6 +16,7 @@ from services.router.admin import AdminServicer
 from services.router.audit import AuditSink
 from services.router.auth import DEFAULT_TENANT, Authenticator, KeyResolver, Principal
 from services.router.call_guard import CallGuard
+from services.router.catalog import load_catalog
 from services.router.config import RouterConfig
 from services.router.discovery import Discovery, split_addresses
 from services.router.domain import EndpointKind
@@ -60,6 +61,8 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         eject_after_errors=config.eject_after_errors,
         eject_s=config.eject_s,
     )
+    if config.catalog_file:
+        endpoints.registry.configure_models(load_catalog(config.catalog_file))
     sessions = None
     governance = None
     if config.session_address:
