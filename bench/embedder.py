@@ -27,6 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The service sets this before torch loads (services/embedder/__main__.py); the in-process
+# baseline gets the same, so the ratios measure batching and gRPC, not OpenMP's wait policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import grpc  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402

@@ -27,6 +27,7 @@ async def create_server(config: EmbedderConfig) -> GrpcServer:
         config.device,
         encode_batch_size=config.encode_batch_size,
         threads=config.torch_threads,
+        compute_dtype=config.dtype,
     )
     cache = create_cache(
         max_entries=config.cache_entries,
