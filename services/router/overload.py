@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -130,6 +131,16 @@ class Overload:
                     ladder.retry_after_ms(load.wait_s),
                 )
             await asyncio.sleep(_HOLD_POLL_S)
+        left = remaining()
+        late = left is not None and load.wait_s >= left
+        if late and not decision.from_cache and priority is not Priority.CRITICAL:
+            # It would still be waiting when its caller gives up: say so now, not at the deadline.
+            # CRITICAL is tried all the same (it goes first in the queue; the estimate is rough).
+            raise ResourceExhausted(
+                f"the deadline cannot be met: predicted wait {load.wait_s:.1f}s behind the queued work, "
+                f"deadline in {left:.1f}s",
+                max(self.config.min_retry_after_ms, math.ceil(min(load.wait_s, 3600.0) * 1000)),
+            )
         if decision.from_cache:
             cached = next((hit for k in keys if (hit := self.cache.get(k)) is not None), None)
             if cached is not None:

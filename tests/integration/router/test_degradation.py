@@ -144,3 +144,17 @@ async def test_last_step_refuses_all_but_critical_with_pushback() -> None:
             assert pushback >= 1000  # the backlog needs seconds to drain below the refusal step
         critical = await collect(stub, request(common_pb2.PRIORITY_CRITICAL), timeout=5)
         assert text_of(critical) == "echo: " + TEXT and steps(critical) == []
+
+
+async def test_a_deadline_shorter_than_the_predicted_wait_is_refused_at_once() -> None:
+    async with ladder() as (worker, stub):
+        await wait_for_wait(worker, stub, 3.0)  # the ladder alone would serve INTERACTIVE
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request(common_pb2.PRIORITY_INTERACTIVE), timeout=2.0)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started < 1.0
+        assert "the deadline cannot be met" in (err.value.details() or "")
+        assert int(dict(err.value.trailing_metadata() or ())["grpc-retry-pushback-ms"]) >= 2900
+        served = await collect(stub, request(common_pb2.PRIORITY_INTERACTIVE), timeout=5.0)
+        assert text_of(served) == "echo: " + TEXT
