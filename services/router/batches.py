@@ -24,7 +24,7 @@ import grpc
 
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2
-from services.common.errors import DomainError, InvalidArgument, NotFound
+from services.common.errors import DomainError, InvalidArgument, NotFound, PermissionDenied
 from services.common.logs import tenant_var
 from services.router import convert
 from services.router.auth import GENERATE, Principal, authorize_model, current_principal, principal_var
@@ -208,6 +208,9 @@ class BatchService:
             raise InvalidArgument("items", f"at most {self.limits.max_items} per batch, got {len(items)}")
         if len(request.display_name) > _MAX_DISPLAY_NAME_CHARS:
             raise InvalidArgument("display_name", f"must be at most {_MAX_DISPLAY_NAME_CHARS} characters")
+        principal = current_principal()
+        if principal is not None and (why := principal.role.denies_priority("batch")):
+            raise PermissionDenied(f"{why}: batch requests run at BATCH priority")
         seen: set[str] = set()
         stored: list[tuple[str, bytes]] = []
         for i, item in enumerate(items):
@@ -220,8 +223,9 @@ class BatchService:
             self._check_item(i, item.request)
             stored.append((custom_id, item.request.SerializeToString(deterministic=True)))
         batch_id = f"batch-{uuid.uuid4().hex}"
-        principal = principal_to_json(current_principal())
-        job = await self.store.create(batch_id, tenant, request.display_name, principal, stored, self.clock())
+        job = await self.store.create(
+            batch_id, tenant, request.display_name, principal_to_json(principal), stored, self.clock()
+        )
         logger.info("batch %s submitted with %d items", batch_id, job.total)
         self._wake.set()
         return job_to_pb(job)

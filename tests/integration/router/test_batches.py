@@ -193,3 +193,19 @@ async def test_another_replica_takes_over_a_job_whose_router_stopped(
     assert done.state == router_pb2.BATCH_STATE_SUCCEEDED
     assert (done.completed, done.failed) == (6, 0)
     assert [r.text for r in got] == [f"echo: take {i}" for i in range(6)]
+
+
+async def test_a_role_without_the_batch_priority_cannot_submit(mesh: Mesh) -> None:
+    # With auth off every caller has the admin role; here it is redefined without BATCH.
+    addresses = [s.address for s in mesh.worker_servers]
+    router = await start_router(worker_addresses=addresses, roles=["admin:priorities=interactive,standard"])
+    try:
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.InferenceStub(channel)
+            await wait_healthy(stub, set(addresses))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.SubmitBatch(batch("not allowed"), timeout=5)
+    finally:
+        await router.stop(0)
+    assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "may not use priority BATCH" in (caught.value.details() or "")
