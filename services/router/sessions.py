@@ -16,6 +16,12 @@ from services.router.domain import HistoryMessage, NewTurn
 
 # Codes meaning the service could not answer at all, as opposed to answering "no".
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Share of a request's remaining deadline that reading its history may take: a slow session
+# service then costs the answer its history (marked degraded), not the answer itself.
+HISTORY_SHARE = 0.5
+# Left of the deadline after recording a turn, for the answer's last message to reach the caller:
+# a record that takes longer is given up (the answer says the turn was not recorded).
+RECORD_RESERVE_S = 0.1
 
 
 class SessionUnavailable(Unavailable):
@@ -65,15 +71,15 @@ class SessionClient:
     async def window(
         self, tenant: str, session_id: str, token_budget: int, remaining: float | None
     ) -> list[HistoryMessage]:
-        resp = await self.unary(
-            "GetWindow", convert.window_request(tenant, session_id, token_budget), remaining
-        )
+        share = None if remaining is None else remaining * HISTORY_SHARE
+        resp = await self.unary("GetWindow", convert.window_request(tenant, session_id, token_budget), share)
         return convert.window_from_pb(resp)
 
     async def append_turns(
         self, tenant: str, session_id: str, turns: Sequence[NewTurn], remaining: float | None
     ) -> None:
-        await self.unary("AppendMessages", convert.append_turns_request(tenant, session_id, turns), remaining)
+        bound = None if remaining is None else max(remaining - RECORD_RESERVE_S, 0.001)
+        await self.unary("AppendMessages", convert.append_turns_request(tenant, session_id, turns), bound)
 
     async def health(self, timeout_s: float) -> tuple[bool, str]:
         try:

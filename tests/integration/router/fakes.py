@@ -224,6 +224,9 @@ class FakeSessionStore(session_pb2_grpc.SessionStoreServicer):
         self.messages: dict[str, list[common_pb2.Message]] = {}
         self.append_calls: list[session_pb2.AppendMessagesRequest] = []
         self.window_calls: list[session_pb2.GetWindowRequest] = []
+        # Seconds GetWindow and AppendMessages take before answering (a slow session service).
+        self.window_delay_s = 0.0
+        self.append_delay_s = 0.0
         self._ids = itertools.count(1)
 
     async def _session(self, tenant: str, session_id: str, context: grpc.aio.ServicerContext) -> Any:
@@ -258,6 +261,7 @@ class FakeSessionStore(session_pb2_grpc.SessionStoreServicer):
         self, request: session_pb2.AppendMessagesRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.AppendMessagesResponse:
         self.append_calls.append(request)
+        await asyncio.sleep(self.append_delay_s)
         session = await self._session(request.tenant, request.session_id, context)
         stored = self.messages[request.session_id]
         by_id = {m.client_msg_id: m for m in stored if m.client_msg_id}
@@ -305,6 +309,7 @@ class FakeSessionStore(session_pb2_grpc.SessionStoreServicer):
         self, request: session_pb2.GetWindowRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.GetWindowResponse:
         self.window_calls.append(request)
+        await asyncio.sleep(self.window_delay_s)
         session = await self._session(request.tenant, request.session_id, context)
         stored = self.messages[request.session_id]
         system = [m for m in stored if m.role == common_pb2.ROLE_SYSTEM][:1]

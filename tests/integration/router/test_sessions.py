@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import grpc
@@ -176,6 +177,23 @@ async def test_session_service_down_degrades_instead_of_failing(mesh: Mesh) -> N
             assert "session service at" in (err.value.details() or "")
     finally:
         await router.stop(0)
+
+
+@pytest.mark.parametrize("slow", ["window", "append"])
+async def test_a_slow_session_service_costs_the_history_not_the_answer(mesh: Mesh, slow: str) -> None:
+    session_id = await new_session(mesh)
+    setattr(mesh.sessions, f"{slow}_delay_s", 30.0)
+    try:
+        start = time.monotonic()
+        responses = await collect(mesh.stub, chat_request("in time", session_id=session_id), timeout=2)
+        took = time.monotonic() - start
+    finally:
+        mesh.sessions.window_delay_s = mesh.sessions.append_delay_s = 0.0
+    # A history read gives up at half the deadline, a record just before its end.
+    assert text_of(responses) == "echo: in time" and took < 2
+    (note,) = responses[0 if slow == "window" else -1].degraded
+    assert note.step == common_pb2.DEGRADATION_STEP_HISTORY_UNAVAILABLE
+    assert ("without history" if slow == "window" else "not recorded") in note.reason
 
 
 async def test_append_failure_after_reply_is_reported_as_degraded(mesh: Mesh) -> None:
