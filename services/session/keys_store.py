@@ -20,7 +20,6 @@ from services.session.tables import api_keys, audit_log
 
 KEY_CREATED = "KEY_CREATED"
 KEY_REVOKED = "KEY_REVOKED"
-USER_ERASED = "USER_ERASED"
 MAX_AUDIT_PAGE = 1000
 
 # Column widths of audit_log: longer values are cut rather than refused, an audit
