@@ -24,6 +24,7 @@ from infermesh import keys_cli, top
 from infermesh.client import (
     BatchItem,
     BatchJob,
+    ChannelSettings,
     Client,
     ConnectionFailed,
     InfermeshError,
@@ -374,6 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("INFERMESH_API_KEY") or None,
         help="API key sent with every call (default: $INFERMESH_API_KEY)",
     )
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("INFERMESH_TLS_CA_FILE") or None,
+        help="CA certificate (PEM) that signed the router's: talk TLS (default: $INFERMESH_TLS_CA_FILE)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("INFERMESH_TLS_CERT_FILE") or None,
+        help="client certificate (PEM) for mutual TLS (default: $INFERMESH_TLS_CERT_FILE)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=os.environ.get("INFERMESH_TLS_KEY_FILE") or None,
+        help="private key of --tls-cert (default: $INFERMESH_TLS_KEY_FILE)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for each call")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -433,7 +449,14 @@ def describe_error(exc: InfermeshError, address: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.address, api_key=args.api_key, timeout=args.timeout) as client:
+        settings = ChannelSettings.from_files(
+            args.address,
+            api_key=args.api_key,
+            ca_file=args.tls_ca,
+            cert_file=args.tls_cert,
+            key_file=args.tls_key,
+        )
+        with Client(settings=settings, timeout=args.timeout) as client:
             code: int = args.func(args, client)
             return code
     except InfermeshError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -73,6 +74,33 @@ class ChannelSettings:
     # Client certificate and key (PEM) for mutual TLS.
     certificate_chain: bytes | None = None
     private_key: bytes | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        api_key: str | None = None,
+        retry: RetryPolicy | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+    ) -> ChannelSettings:
+        """TLS from PEM files: `ca_file` verifies the router; `cert_file` and `key_file` are this
+        client's certificate when the router asks for one (mutual TLS). No files: plaintext."""
+
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return cls(
+            address,
+            api_key,
+            retry or RetryPolicy(),
+            tls=bool(ca_file or cert_file),
+            root_certificates=read(ca_file),
+            certificate_chain=read(cert_file),
+            private_key=read(key_file),
+        )
 
     def options(self) -> list[tuple[str, object]]:
         options: list[tuple[str, object]] = [

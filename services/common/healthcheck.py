@@ -6,14 +6,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
-    """(serving, what was seen)."""
-    with grpc.insecure_channel(address) as channel:
+def _channel(address: str, ca: str | None, cert: str | None, key: str | None) -> grpc.Channel:
+    if not ca:
+        return grpc.insecure_channel(address)
+
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(read(ca), read(key), read(cert)))
+
+
+def check(
+    address: str,
+    service: str = "",
+    timeout: float = 3.0,
+    *,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+) -> tuple[bool, str]:
+    """(serving, what was seen). With `ca`, over TLS (`cert` and `key` for mutual TLS)."""
+    with _channel(address, ca, cert, key) as channel:
         try:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -31,8 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--service", default="", help="service name to check (default: the whole server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds (default %(default)s)")
+    parser.add_argument("--tls-ca", help="CA certificate (PEM) of the server's: check over TLS")
+    parser.add_argument("--tls-cert", help="client certificate (PEM), when the server wants one")
+    parser.add_argument("--tls-key", help="private key of --tls-cert")
     args = parser.parse_args(argv)
-    serving, seen = check(args.address, args.service, args.timeout)
+    serving, seen = check(
+        args.address, args.service, args.timeout, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key
+    )
     print(f"{args.address}: {seen}", file=sys.stdout if serving else sys.stderr)
     return 0 if serving else 1
 
