@@ -363,6 +363,15 @@ def _add_batch(sub: Any) -> None:
     cancel.set_defaults(func=cmd_batch_cancel)
 
 
+# Connection settings that may also come from the environment: flag, variable, what it is.
+_CONNECTION_FLAGS = (
+    ("--api-key", "INFERMESH_API_KEY", "API key sent with every call"),
+    ("--tls-ca", "INFERMESH_TLS_CA_FILE", "CA certificate (PEM) that signed the router's: talk TLS"),
+    ("--tls-cert", "INFERMESH_TLS_CERT_FILE", "client certificate (PEM) for mutual TLS"),
+    ("--tls-key", "INFERMESH_TLS_KEY_FILE", "private key of --tls-cert"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infermesh", description="Talk to an infermesh router.")
     parser.add_argument(
@@ -370,26 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("INFERMESH_ADDRESS") or DEFAULT_ADDRESS,
         help="router host:port (default: $INFERMESH_ADDRESS or %(default)s)",
     )
-    parser.add_argument(
-        "--api-key",
-        default=os.environ.get("INFERMESH_API_KEY") or None,
-        help="API key sent with every call (default: $INFERMESH_API_KEY)",
-    )
-    parser.add_argument(
-        "--tls-ca",
-        default=os.environ.get("INFERMESH_TLS_CA_FILE") or None,
-        help="CA certificate (PEM) that signed the router's: talk TLS (default: $INFERMESH_TLS_CA_FILE)",
-    )
-    parser.add_argument(
-        "--tls-cert",
-        default=os.environ.get("INFERMESH_TLS_CERT_FILE") or None,
-        help="client certificate (PEM) for mutual TLS (default: $INFERMESH_TLS_CERT_FILE)",
-    )
-    parser.add_argument(
-        "--tls-key",
-        default=os.environ.get("INFERMESH_TLS_KEY_FILE") or None,
-        help="private key of --tls-cert (default: $INFERMESH_TLS_KEY_FILE)",
-    )
+    for flag, env, what in _CONNECTION_FLAGS:
+        parser.add_argument(flag, default=os.environ.get(env) or None, help=f"{what} (default: ${env})")
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for each call")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -432,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_batch(sub)
 
-    drain = sub.add_parser("drain", help="stop routing new requests to a worker or embedder (admin)")
+    drain = sub.add_parser("drain", help="stop routing new requests to a worker; its streams finish (admin)")
     drain.add_argument("endpoint", help="host:port of the endpoint, as `infermesh status` lists it")
     drain.set_defaults(func=cmd_drain)
 
