@@ -296,11 +296,27 @@ class BatchStore:
             )
         return await self.get(tenant, batch_id)
 
-    async def results(self, batch_id: str) -> list[bytes]:
+    async def results(self, batch_id: str, after: int = -1, limit: int = 500) -> list[tuple[int, bytes]]:
+        """(index, result) of finished items past index `after`, in order: one page."""
         query = (
-            sa.select(items_table.c.result)
-            .where(items_table.c.batch_id == batch_id, items_table.c.result.is_not(None))
+            sa.select(items_table.c.idx, items_table.c.result)
+            .where(
+                items_table.c.batch_id == batch_id,
+                items_table.c.idx > after,
+                items_table.c.result.is_not(None),
+            )
             .order_by(items_table.c.idx)
+            .limit(limit)
         )
         async with self._connect() as conn:
-            return [r.result for r in await conn.execute(query)]
+            return [(r.idx, r.result) for r in await conn.execute(query)]
+
+    async def purge(self, finished_before: float) -> int:
+        """Delete jobs that ended before this time, with their items; how many jobs went."""
+        old = sa.select(jobs_table.c.batch_id).where(
+            jobs_table.c.state.not_in(_ACTIVE), jobs_table.c.finished_at < finished_before
+        )
+        async with self._begin() as conn:
+            await conn.execute(items_table.delete().where(items_table.c.batch_id.in_(old)))
+            gone = await conn.execute(jobs_table.delete().where(jobs_table.c.batch_id.in_(old)))
+        return int(gone.rowcount or 0)

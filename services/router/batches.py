@@ -160,6 +160,7 @@ class BatchService:
         )
         # Quotas and guardrails, as for a Generate call (set by the server factory).
         self.guard: CallGuard | None = None
+        self._purged_at = float("-inf")
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -181,6 +182,17 @@ class BatchService:
     def _forget(self, batch_id: str, _task: object) -> None:
         self._running.pop(batch_id, None)
 
+    async def _purge(self) -> None:
+        """Drop finished jobs past their retention, at most once an hour per replica."""
+        days = self.config.batch_retention_days
+        now = self.clock()
+        if not days or now - self._purged_at < 3600:
+            return
+        self._purged_at = now
+        gone = await self.store.purge(now - days * 86400)
+        if gone:
+            logger.info("purged %d batch jobs finished over %d days ago", gone, days)
+
     async def _claim_loop(self) -> None:
         interval = self.limits.lease_s / 3
         while True:
@@ -192,6 +204,7 @@ class BatchService:
                     task = asyncio.create_task(self._run(job), name=f"batch-{job.batch_id}")
                     self._running[job.batch_id] = task
                     task.add_done_callback(functools.partial(self._forget, job.batch_id))
+                await self._purge()
             except Exception:
                 logger.exception("claiming batch jobs failed; trying again")
             self._wake.clear()
@@ -271,8 +284,11 @@ class BatchService:
 
     async def results(self, batch_id: str, tenant: str) -> AsyncIterator[router_pb2.BatchResult]:
         job = await self._job(batch_id, tenant)
-        for raw in await self.store.results(job.batch_id):
-            yield router_pb2.BatchResult.FromString(raw)
+        after = -1
+        while page := await self.store.results(job.batch_id, after):
+            for _, raw in page:
+                yield router_pb2.BatchResult.FromString(raw)
+            after = page[-1][0]
 
     async def cancel(self, batch_id: str, tenant: str) -> router_pb2.BatchJob:
         await self._job(batch_id, tenant)

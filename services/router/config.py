@@ -223,6 +223,11 @@ class RouterConfig:
     batch_item_attempts: int = setting(
         5, "Tries of a batch request answered UNAVAILABLE or RESOURCE_EXHAUSTED before it fails.", min=1
     )
+    batch_retention_days: int = setting(
+        7,
+        "Finished batch jobs and their results are deleted this many days after they end (0 keeps them).",
+        min=0,
+    )
     batch_lease_s: float = setting(
         30.0,
         "How long a replica's claim on a running batch job lasts; it is renewed three times as often, "

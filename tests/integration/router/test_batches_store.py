@@ -69,7 +69,7 @@ async def test_one_replica_wins_a_claim_and_the_other_takes_over_when_the_lease_
     done = await other.finish(batch_id, other_name, 1013.0)
     assert done is not None and done.state is JobState.SUCCEEDED
     assert (done.completed, done.failed, done.finished_at) == (2, 1, 1013.0)
-    assert await a.results(batch_id) == [b"r0", b"r1", b"r2"]
+    assert [r for _, r in await a.results(batch_id)] == [b"r0", b"r1", b"r2"]
 
 
 async def test_cancel_is_final_and_other_tenants_see_nothing(replicas: list[BatchStore]) -> None:
@@ -91,3 +91,24 @@ def test_principal_survives_the_store() -> None:
         None,
     ):
         assert principal_from_json(principal_to_json(principal)) == principal
+
+
+async def test_results_come_in_pages_and_finished_jobs_are_purged(replicas: list[BatchStore]) -> None:
+    a, _ = replicas
+    batch_id = await submit(a, items=5)
+    running = await submit(a, items=1)
+    claimed = await a.claim("A", 1000.0, 60.0)
+    assert claimed is not None and claimed.batch_id == batch_id
+    for i in (0, 1, 3, 4):
+        assert await a.record(batch_id, i, "A", f"r{i}".encode(), failed=False)
+    assert await a.results(batch_id, limit=2) == [(0, b"r0"), (1, b"r1")]
+    assert await a.results(batch_id, after=1, limit=2) == [(3, b"r3"), (4, b"r4")]
+    assert await a.results(batch_id, after=4) == []
+    assert await a.record(batch_id, 2, "A", b"r2", failed=False)
+    assert await a.finish(batch_id, "A", 2000.0) is not None
+
+    assert await a.purge(finished_before=2000.0) == 0  # not older than the cutoff
+    assert await a.purge(finished_before=2000.5) == 1
+    assert await a.get("t1", batch_id) is None
+    assert await a.results(batch_id) == []
+    assert await a.get("t1", running) is not None  # unfinished jobs stay
