@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import grpc
@@ -29,6 +29,7 @@ _UNTRACED_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerRe
 _UNTRACED_METHODS = ("StreamLoad",)
 
 _provider: Any = None
+_NO_SPAN = nullcontext(trace.INVALID_SPAN)
 
 
 def configure_tracing(service: str, otlp_endpoint: str, *, exporter: Any = None) -> bool:
@@ -64,12 +65,17 @@ def shutdown_tracing() -> None:
 
 
 def span(name: str, **attributes: str | int | float | bool) -> AbstractContextManager[trace.Span]:
-    """A child span of the current one, for a step of a request (no-op while tracing is off)."""
+    """A child span of the current one, for a step of a request. While tracing is off this is
+    one shared do-nothing context manager: not even the API's no-op tracer is called."""
+    if _provider is None:
+        return _NO_SPAN
     return trace.get_tracer(_TRACER_NAME).start_as_current_span(name, attributes=attributes)
 
 
 def start_span(name: str, **attributes: str | int | float | bool) -> trace.Span:
     """A child span ended by the caller (`span.end()`), for steps that do not nest in a block."""
+    if _provider is None:
+        return trace.INVALID_SPAN
     return trace.get_tracer(_TRACER_NAME).start_span(name, attributes=attributes)
 
 
