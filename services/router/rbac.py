@@ -73,9 +73,10 @@ class Role:
 
 BUILTIN_ROLES: dict[str, Role] = {
     "admin": Role("admin", GROUPS),
+    # Cluster status shows every endpoint's address and load: operators' business.
     "user": Role(
         "user",
-        frozenset({"inference", "sessions", "batches", "status"}),
+        frozenset({"inference", "sessions", "batches"}),
         priorities=frozenset({"interactive", "standard", "batch"}),
     ),
     "batch": Role("batch", frozenset({"inference", "batches"}), priorities=frozenset({"standard", "batch"})),

@@ -31,15 +31,17 @@ async def test_keys_create_list_revoke_through_the_cli(secure_mesh: SecureMesh, 
     assert code == 0 and prefix in out and new_key not in out
 
     user = ["--address", secure_mesh.router.address, "--api-key", new_key, "--timeout", "10"]
-    code, out, err = await _cli(capsys, *user, "status")
-    assert code == 0, err
+    code, out, err = await _cli(capsys, *user, "embed", "hello")
+    assert code == 0 and "dim=" in out, err
+    code, _, err = await _cli(capsys, *user, "status")
+    assert code == 1 and "PERMISSION_DENIED" in err and "GetClusterStatus" in err
     code, _, err = await _cli(capsys, *user, "keys", "list")
     assert code == 1 and "PERMISSION_DENIED" in err and "ListApiKeys" in err
 
     code, out, _ = await _cli(capsys, *admin, "keys", "revoke", prefix)
     assert code == 0 and "revoked" in out
     await asyncio.sleep(0.3)  # past the router's key cache (auth_cache_s=0.2 in these tests)
-    code, _, err = await _cli(capsys, *user, "status")
+    code, _, err = await _cli(capsys, *user, "embed", "hello")
     assert code == 1 and "UNAUTHENTICATED" in err
 
 
