@@ -432,6 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe_error(exc: InfermeshError, address: str) -> str:
+    if isinstance(exc, ConnectionFailed) and exc.tls_mismatch:
+        return (
+            f"the router at {address} closed the connection while it was set up — if it serves TLS, "
+            "pass --tls-ca (and --tls-cert/--tls-key when it asks for a client certificate)"
+        )
     if isinstance(exc, ConnectionFailed):
         return f"cannot reach infermesh router at {address} — start the mesh with `make up`"
     return f"error: {exc.code.name}: {exc.details}"

@@ -33,7 +33,19 @@ class ConnectionFailed(InfermeshError):
         super().__init__(grpc.StatusCode.UNAVAILABLE, details)
         self.address = address
 
+    @property
+    def tls_mismatch(self) -> bool:
+        """Something listens there but dropped the connection while it was set up: most often
+        TLS on one side only, or a client certificate the router wants and did not get."""
+        text = self.details.lower()
+        return any(s in text for s in ("socket closed", "ssl", "handshake", "certificate"))
+
     def __str__(self) -> str:
+        if self.tls_mismatch:
+            return (
+                f"the router at {self.address} closed the connection while it was set up ({self.details}); "
+                "does it want TLS or a client certificate?"
+            )
         return (
             f"cannot reach the infermesh router at {self.address} ({self.details}); "
             "is the mesh running? `make up` starts one locally"

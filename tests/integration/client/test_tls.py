@@ -62,7 +62,7 @@ async def test_client_with_its_certificate_gets_in_and_others_do_not(router: Grp
         async with AsyncClient(settings=settings, timeout=5) as client:
             with pytest.raises(InfermeshError) as caught:
                 await client.list_models()
-        assert isinstance(caught.value, ConnectionFailed) or caught.value.code.name == "UNAVAILABLE"
+        assert isinstance(caught.value, ConnectionFailed) and caught.value.tls_mismatch
 
 
 async def test_cli_and_health_check_over_mutual_tls(
@@ -76,3 +76,10 @@ async def test_cli_and_health_check_over_mutual_tls(
     assert await asyncio.to_thread(healthcheck.main, [router.address, *tls]) == 0
     assert capsys.readouterr().out == f"{router.address}: SERVING\n"
     assert await asyncio.to_thread(healthcheck.main, [router.address, "--timeout", "2"]) == 1
+    capsys.readouterr()
+    # Plaintext to a TLS router: the CLI says what is likely wrong.
+    assert await asyncio.to_thread(cli.main, ["--address", router.address, "--timeout", "5", "status"]) == 1
+    assert capsys.readouterr().err == (
+        f"the router at {router.address} closed the connection while it was set up — if it serves TLS, "
+        "pass --tls-ca (and --tls-cert/--tls-key when it asks for a client certificate)\n"
+    )
