@@ -1,5 +1,6 @@
 """Tracing on a real GrpcServer (in a process of its own: a process has one tracer provider):
-a span per RPC continuing the caller's traceparent, steps nested in it, and streaming handlers
+a span per RPC continuing the caller's traceparent, steps nested in it (the admission queue's
+wait among them), and streaming handlers
 the instrumentation cannot wrap (coroutines using context.write, health Watch) still served."""
 
 from __future__ import annotations
@@ -32,5 +33,7 @@ def test_server_spans_continue_the_callers_trace_and_nothing_breaks() -> None:
     assert (server["trace_id"], server["parent_id"]) == (TRACE_ID, PARENT_ID)
     inner = spans["inner step"]
     assert (inner["trace_id"], inner["parent_id"]) == (TRACE_ID, server["span_id"])
+    # A request that waited for a slot has a queue wait span under its own.
+    assert spans["queue wait"]["parent_id"] == spans["queued request"]["span_id"]
     # Health is not traced; the coroutine-style stream is served untraced.
     assert not any("Health" in name or name.endswith("/Writer") for name in spans)

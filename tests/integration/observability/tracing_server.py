@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common import telemetry
 from services.common.server import GrpcServer
+from services.router.admission import Admission, Capacity
+from services.router.queues import Priority, QueuedRequest, create_request_queue
 
 SERVICE = "test.tracing.v1.Probe"
 TRACE_ID, PARENT_ID = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
@@ -36,6 +40,24 @@ def _register(server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
+async def _queue_wait() -> None:
+    """A request that waits for the router's only slot, inside a request span."""
+    admission = Admission(create_request_queue("priority"), lambda: Capacity(1, 10.0))
+
+    def request(request_id: str) -> QueuedRequest:
+        return QueuedRequest(request_id, "t", Priority.STANDARD, 10, enqueued_at=time.monotonic())
+
+    async def second() -> None:
+        async with admission.slot(request("second"), 5.0):
+            pass
+
+    with trace.get_tracer("test").start_as_current_span("queued request"):
+        async with admission.slot(request("first"), 5.0):
+            waiting = asyncio.create_task(second())
+            await asyncio.sleep(0.05)
+        await waiting
+
+
 async def main() -> None:
     exporter = InMemorySpanExporter()
     telemetry.configure_tracing("probe", "", exporter=exporter)
@@ -52,6 +74,7 @@ async def main() -> None:
         results["watch"] = health_pb2.HealthCheckResponse.ServingStatus.Name((await watch.read()).status)
         watch.cancel()
     await server.stop(0)
+    await _queue_wait()
     telemetry.shutdown_tracing()
     results["spans"] = [
         {
