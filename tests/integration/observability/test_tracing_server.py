@@ -1,7 +1,7 @@
 """Tracing on a real GrpcServer (in a process of its own: a process has one tracer provider):
 a span per RPC continuing the caller's traceparent, steps nested in it (the admission queue's
-wait among them), and streaming handlers
-the instrumentation cannot wrap (coroutines using context.write, health Watch) still served."""
+wait among them), and streaming handlers the instrumentation cannot wrap (coroutines using
+context.write, health Watch) still served."""
 
 from __future__ import annotations
 
