@@ -90,6 +90,10 @@ class Batcher(Generic[V]):
         finally:
             self._futures.pop(job, None)
 
+    @property
+    def batches(self) -> int:
+        return self._batches
+
     def load(self) -> BatcherLoad:
         running = self._running
         return BatcherLoad(

@@ -69,6 +69,20 @@ class EmbedderConfig:
         "", "redis://host:port/db to share the result cache between replicas (replaces the LRU)."
     )
     cache_ttl_s: int = setting(86400, "How long Redis keeps a cached result.", min=1)
+    health_interval_s: float = setting(
+        5.0,
+        "Seconds between health checks; one that finds no batch finished since the last runs a real "
+        "embedding through the model.",
+        min=0.1,
+        max=3600,
+    )
+    health_timeout_s: float = setting(
+        30.0,
+        "Seconds that embedding may take (unless other batches finish meanwhile) before health turns "
+        "NOT_SERVING.",
+        min=0.1,
+        max=3600,
+    )
     load_interval_ms: int = setting(
         1000, "StreamLoad interval when the caller leaves interval_ms at 0.", min=10, max=60000
     )

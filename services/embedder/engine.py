@@ -89,9 +89,18 @@ class EmbedEngine:
         self._draining = asyncio.Event()
 
     async def start(self) -> None:
-        """Start batching and run one embedding through the whole path."""
+        """Start batching and run one embedding through the model."""
         self._batcher.start()
-        await self.embed(EmbedQuery(inputs=[WARMUP_TEXT]))
+        await self.probe()
+
+    async def probe(self) -> None:
+        """One real embedding through the batcher and the model thread, never from the cache."""
+        await self._batcher.submit([WARMUP_TEXT], await self._count_tokens([WARMUP_TEXT]))
+
+    @property
+    def batches(self) -> int:
+        """Encode calls finished since start."""
+        return self._batcher.batches
 
     def validate(self, query: EmbedQuery) -> None:
         """Checks that need no tokeniser; raise InvalidArgument naming the field and the limit."""

@@ -13,6 +13,7 @@ from services.embedder import convert
 from services.embedder.cache import create_cache
 from services.embedder.config import EmbedderConfig
 from services.embedder.engine import EmbedEngine
+from services.embedder.health import HealthProbe
 from services.embedder.model import EmbeddingModel
 from services.embedder.servicer import SERVICE_NAME, EmbedderServicer, add_to_server
 
@@ -44,6 +45,13 @@ async def create_server(config: EmbedderConfig) -> GrpcServer:
         max_input_chars=config.max_input_chars,
         cache=cache,
     )
+    probe: HealthProbe | None = None
+
+    async def stop() -> None:
+        if probe is not None:
+            await probe.stop()
+        await engine.close()
+
     try:
         await engine.start()
         servicer = EmbedderServicer(
@@ -55,7 +63,7 @@ async def create_server(config: EmbedderConfig) -> GrpcServer:
             service_names=[SERVICE_NAME],
             register=lambda s: add_to_server(servicer, s),
             on_drain=engine.drain,
-            on_stop=engine.close,
+            on_stop=stop,
             metrics_port=config.metrics_port,
             credentials=server_credentials(TlsConfig.of(config)),
             # The numbers StreamLoad sends the routers, read where it reads them.
@@ -63,8 +71,17 @@ async def create_server(config: EmbedderConfig) -> GrpcServer:
                 LoadReportCollector(lambda: convert.load_report_to_pb(servicer.endpoint_id, engine.load()))
             ],
         )
+        probe = HealthProbe(
+            engine.probe,
+            lambda: engine.batches,
+            server.set_serving,
+            interval_s=config.health_interval_s,
+            timeout_s=config.health_timeout_s,
+            paused=lambda: engine.draining,
+        )
+        probe.start()
     except BaseException:
-        await engine.close()
+        await stop()
         raise
     if not servicer.endpoint_id:
         servicer.endpoint_id = f"{socket.gethostname()}:{server.port}"
