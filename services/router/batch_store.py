@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import StaticPool
 
 IN_MEMORY = "sqlite+aiosqlite://"
+_TABLES_LOCK_KEY = 0x1A7E_BA7C  # Postgres advisory lock taken while the tables are created
 
 _metadata = sa.MetaData()
 jobs_table = sa.Table(
@@ -134,6 +135,9 @@ class BatchStore:
 
     async def create_tables(self) -> None:
         async with self._begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                # Replicas starting together: one creates the tables, the others then see them.
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _TABLES_LOCK_KEY})
             await conn.run_sync(_metadata.create_all)
 
     async def close(self) -> None:

@@ -112,3 +112,15 @@ async def test_results_come_in_pages_and_finished_jobs_are_purged(replicas: list
     assert await a.get("t1", batch_id) is None
     assert await a.results(batch_id) == []
     assert await a.get("t1", running) is not None  # unfinished jobs stay
+
+
+@pytest.mark.postgres
+async def test_replicas_starting_together_create_the_tables_once(empty_postgres_url: str) -> None:
+    stores = [BatchStore(create_store_engine(empty_postgres_url)) for _ in range(4)]
+    try:
+        await asyncio.gather(*(s.create_tables() for s in stores))
+        batch_id = await submit(stores[0])
+        assert (await stores[3].get("t1", batch_id)) is not None
+    finally:
+        for store in stores:
+            await store.close()
