@@ -19,6 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from services.common.errors import Unavailable
+
 IN_MEMORY = "sqlite+aiosqlite://"
 _TABLES_LOCK_KEY = 0x1A7E_BA7C  # Postgres advisory lock taken while the tables are created
 
@@ -106,10 +108,19 @@ def _job(row: Any) -> JobRow:
     )
 
 
-def create_store_engine(url: str) -> AsyncEngine:
+class StoreUnavailable(Unavailable):
+    """The batch store could not be reached or did not answer."""
+
+
+def create_store_engine(url: str, timeout_s: float = 5.0) -> AsyncEngine:
     if url == IN_MEMORY:
         # One connection shared by every task: each new connection would be a new, empty database.
         return create_async_engine(url, poolclass=StaticPool)
+    if url.startswith("postgresql"):
+        # Bounded waits: a store that is away answers UNAVAILABLE rather than holding calls.
+        return create_async_engine(
+            url, pool_pre_ping=True, pool_timeout=timeout_s, connect_args={"timeout": timeout_s}
+        )
     return create_async_engine(url, pool_pre_ping=True)
 
 
@@ -122,13 +133,20 @@ class BatchStore:
 
     @contextlib.asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
-        async with self._turn(), self.engine.begin() as conn:
+        async with self._unavailable(), self._turn(), self.engine.begin() as conn:
             yield conn
 
     @contextlib.asynccontextmanager
     async def _connect(self) -> AsyncIterator[AsyncConnection]:
-        async with self._turn(), self.engine.connect() as conn:
+        async with self._unavailable(), self._turn(), self.engine.connect() as conn:
             yield conn
+
+    @contextlib.asynccontextmanager
+    async def _unavailable(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except (sa.exc.SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"the batch store is unavailable ({type(exc).__name__})") from exc
 
     def _turn(self) -> contextlib.AbstractAsyncContextManager[Any]:
         return self._turns if self._turns is not None else contextlib.nullcontext()

@@ -28,7 +28,7 @@ from services.common.errors import DomainError, InvalidArgument, NotFound, Permi
 from services.common.logs import tenant_var
 from services.router import convert
 from services.router.auth import GENERATE, Principal, authorize_model, current_principal, principal_var
-from services.router.batch_store import BatchStore, JobRow, JobState, PendingItem
+from services.router.batch_store import BatchStore, JobRow, JobState, PendingItem, StoreUnavailable
 from services.router.config import RouterConfig
 from services.router.generation import Generation
 from services.router.rbac import Role
@@ -161,6 +161,7 @@ class BatchService:
         # Quotas and guardrails, as for a Generate call (set by the server factory).
         self.guard: CallGuard | None = None
         self._purged_at = float("-inf")
+        self._tables = False
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -168,8 +169,18 @@ class BatchService:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.store.create_tables()
+        """Never fails the router's start: without its store, batch calls answer UNAVAILABLE
+        and the tables are created once the store answers."""
+        try:
+            await self._ensure_tables()
+        except StoreUnavailable as exc:
+            logger.warning("%s; batch jobs wait for it", exc.message)
         self._loop_task = asyncio.create_task(self._claim_loop(), name="batch-claims")
+
+    async def _ensure_tables(self) -> None:
+        if not self._tables:
+            await self.store.create_tables()
+            self._tables = True
 
     async def stop(self) -> None:
         """Stop running jobs here; their leases lapse and another replica (or a restart) resumes them."""
@@ -197,6 +208,7 @@ class BatchService:
         interval = self.limits.lease_s / 3
         while True:
             try:
+                await self._ensure_tables()
                 while len(self._running) < self.config.batch_jobs_per_replica:
                     job = await self.store.claim(self.replica_id, self.clock(), self.limits.lease_s)
                     if job is None:
@@ -205,6 +217,8 @@ class BatchService:
                     self._running[job.batch_id] = task
                     task.add_done_callback(functools.partial(self._forget, job.batch_id))
                 await self._purge()
+            except StoreUnavailable as exc:
+                logger.warning("%s; claiming batch jobs again later", exc.message)
             except Exception:
                 logger.exception("claiming batch jobs failed; trying again")
             self._wake.clear()

@@ -14,7 +14,15 @@ from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from tests.integration.router.conftest import Mesh
 from tests.integration.router.fakes import FakeWorker, start_fake
-from tests.integration.router.helpers import chat_request, start_router, wait_healthy, wait_until
+from tests.integration.router.helpers import (
+    chat_request,
+    collect,
+    free_port,
+    start_router,
+    text_of,
+    wait_healthy,
+    wait_until,
+)
 
 DONE = {router_pb2.BATCH_STATE_SUCCEEDED, router_pb2.BATCH_STATE_FAILED, router_pb2.BATCH_STATE_CANCELLED}
 
@@ -209,3 +217,20 @@ async def test_a_role_without_the_batch_priority_cannot_submit(mesh: Mesh) -> No
         await router.stop(0)
     assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "may not use priority BATCH" in (caught.value.details() or "")
+
+
+async def test_a_router_whose_batch_store_is_away_still_serves_and_says_so(mesh: Mesh) -> None:
+    addresses = [s.address for s in mesh.worker_servers]
+    store = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/none"
+    router = await start_router(worker_addresses=addresses, batch_store_url=store)
+    try:
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.InferenceStub(channel)
+            await wait_healthy(stub, set(addresses))
+            assert text_of(await collect(stub, chat_request("still here"), timeout=5)) == "echo: still here"
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.SubmitBatch(batch("waits"), timeout=10)
+    finally:
+        await router.stop(0)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert (caught.value.details() or "").startswith("the batch store is unavailable")
