@@ -9,6 +9,7 @@ handed to that server's `MetricsEndpoint`. `metrics_port = 0` turns the endpoint
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 # Seconds: from sub-millisecond unary calls to minutes-long streams.
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# time.perf_counter() when the current RPC reached the server (before any auth or quota step).
+rpc_started_var: contextvars.ContextVar[float | None] = contextvars.ContextVar("rpc_started", default=None)
 
 GRPC_STARTED = Counter(
     "grpc_server_started_total",
@@ -151,7 +155,10 @@ def handler_behavior(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any]
 
 def _begin(labels: tuple[str, str, str]) -> float:
     GRPC_STARTED.labels(*labels).inc()
-    return time.perf_counter()
+    started = time.perf_counter()
+    # Each RPC runs in a task of its own, so this is the current RPC's for the handler's whole run.
+    rpc_started_var.set(started)
+    return started
 
 
 def _end(labels: tuple[str, str, str], started: float, code: str) -> None:

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2
 from services.common.errors import DomainError
-from services.common.metrics import LATENCY_BUCKETS
+from services.common.metrics import LATENCY_BUCKETS, rpc_started_var
 from services.router.queues import Priority, effective_priority
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ _TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
 
 TTFT = Histogram(
     "infermesh_router_time_to_first_token_seconds",
-    "From the Generate call reaching the router to its first generated text.",
+    "From the Generate call reaching the router (auth and quota included) to its first generated text.",
     ["model", "priority"],
     buckets=LATENCY_BUCKETS,
 )
@@ -96,7 +96,8 @@ async def observe_generate(
 ) -> AsyncIterator[router_pb2.GenerateResponse]:
     """Relay `stream`, recording what the caller experienced: TTFT, TPOT, latency, tokens,
     degradations and refusals. The priority label is the class the request asked for."""
-    started = clock()
+    # From the moment the call reached the server: auth, quota and guardrails count too.
+    started = rpc_started_var.get() or clock()
     priority = priority_label(effective_priority(request.priority))
     model = request.model or "default"
     first: float | None = None
