@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from prometheus_client import Counter
 
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2
@@ -48,6 +49,16 @@ _STATE_TO_PB = {
     JobState.FAILED: router_pb2.BATCH_STATE_FAILED,
     JobState.CANCELLED: router_pb2.BATCH_STATE_CANCELLED,
 }
+BATCH_JOBS = Counter(
+    "infermesh_router_batch_jobs_total",
+    "Batch jobs submitted to this replica, and jobs that ended here by final state.",
+    ["event"],
+)
+BATCH_ITEMS = Counter(
+    "infermesh_router_batch_items_total",
+    "Batch requests run by this replica, by outcome (ok, or the status code that failed them).",
+    ["outcome"],
+)
 _MAX_CUSTOM_ID_CHARS = 256
 _MAX_DISPLAY_NAME_CHARS = 256
 
@@ -254,6 +265,7 @@ class BatchService:
             batch_id, tenant, request.display_name, principal_to_json(principal), stored, self.clock()
         )
         logger.info("batch %s submitted with %d items", batch_id, job.total)
+        BATCH_JOBS.labels("submitted").inc()
         self._wake.set()
         return job_to_pb(job)
 
@@ -305,9 +317,11 @@ class BatchService:
             after = page[-1][0]
 
     async def cancel(self, batch_id: str, tenant: str) -> router_pb2.BatchJob:
-        await self._job(batch_id, tenant)
+        before = await self._job(batch_id, tenant)
         job = await self.store.cancel(tenant, batch_id, self.clock())
         assert job is not None
+        if not before.state.done and job.state is JobState.CANCELLED:
+            BATCH_JOBS.labels(JobState.CANCELLED.value).inc()
         task = self._running.get(batch_id)
         if task is not None:
             task.cancel()
@@ -350,6 +364,7 @@ class BatchService:
             return
         done = await self.store.finish(job.batch_id, self.replica_id, self.clock())
         if done is not None:
+            BATCH_JOBS.labels(done.state.value).inc()
             logger.info(
                 "batch %s %s: %d completed, %d failed",
                 job.batch_id,
@@ -372,6 +387,7 @@ class BatchService:
         while not queue.empty():
             item = queue.get_nowait()
             result = await self._execute(job.batch_id, item)
+            BATCH_ITEMS.labels(result.error_code or "ok").inc()
             stored = await self.store.record(
                 job.batch_id, item.index, self.replica_id, result.SerializeToString(), bool(result.error_code)
             )

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
@@ -51,11 +52,19 @@ async def results(stub: Any, batch_id: str) -> list[Any]:
     return [r async for r in stub.GetBatchResults(router_pb2.GetBatchResultsRequest(batch_id=batch_id))]
 
 
+def sample(name: str) -> float:
+    """A batch counter of this process's router(s): job events, or item outcomes ("ok", codes)."""
+    jobs = REGISTRY.get_sample_value("infermesh_router_batch_jobs_total", {"event": name})
+    items = REGISTRY.get_sample_value("infermesh_router_batch_items_total", {"outcome": name})
+    return (jobs or 0.0) + (items or 0.0)
+
+
 def sent_for(workers: list[FakeWorker], batch_id: str) -> list[Any]:
     return [r for w in workers for r in w.requests if r.request_id.startswith(batch_id)]
 
 
 async def test_a_batch_runs_at_batch_priority_and_returns_results_in_order(mesh: Mesh) -> None:
+    before = {name: sample(name) for name in ("submitted", "succeeded", "ok")}
     texts = [f"item number {i}" for i in range(12)]
     job = await mesh.stub.SubmitBatch(batch(*texts, max_tokens=8), timeout=5)
     assert (job.total, job.display_name) == (12, "test")
@@ -75,6 +84,10 @@ async def test_a_batch_runs_at_batch_priority_and_returns_results_in_order(mesh:
 
     sent = sent_for(mesh.workers, job.batch_id)
     assert len(sent) == 12
+    # Other tests' jobs may end meanwhile: at least this one's counts were added.
+    assert sample("submitted") >= before["submitted"] + 1
+    assert sample("succeeded") >= before["succeeded"] + 1
+    assert sample("ok") >= before["ok"] + 12
     assert {r.priority for r in sent} == {common_pb2.PRIORITY_BATCH}
 
 
