@@ -35,6 +35,9 @@ ROUTER_ENV = {
     "INFERMESH_ROUTER_ENDPOINT_STALE_S": str(STALE_S),
     "INFERMESH_ROUTER_RECONNECT_BACKOFF_MAX_S": "0.5",
     "INFERMESH_ROUTER_STALL_TIMEOUT_S": "2.0",
+    # A burst on freshly started workers, whose measured speed is still that of one warm-up
+    # sequence, looks like a long wait; these drills are about faults, not about shedding.
+    "INFERMESH_ROUTER_DEGRADATION_THRESHOLDS_S": "10,20,30,60,120",
     "INFERMESH_ROUTER_LOG_LEVEL": "warning",
 }
 
@@ -43,6 +46,8 @@ PROMPTS = [
     for topic in (
         "the sea", "a red fox", "winter", "a library", "bread", "the moon", "trains", "a garden",
         "rain", "a violin", "mountains", "coffee", "a lighthouse", "bees", "a desert", "snowflakes",
+        "a clock", "the wind", "a river", "owls", "a market", "paper", "a bridge", "thunder",
+        "a kite", "salt", "a forest", "the harbor", "candles", "a map", "wolves", "autumn",
     )
 ]  # fmt: skip
 

@@ -18,7 +18,7 @@ from tests.chaos.generation_mesh import (
 )
 from tests.chaos.harness import DrillResult, record
 
-STREAMS = 16
+STREAMS = 32
 MAX_TOKENS = 32
 TIMEOUT_S = 60.0
 
@@ -29,9 +29,8 @@ async def test_sigkill_a_worker_under_concurrent_streams(log_dir: Path) -> None:
         reference = await asyncio.gather(
             *(generate(mesh.stub, p, max_tokens=MAX_TOKENS, timeout_s=TIMEOUT_S) for p in prompts)
         )
-        assert all(r.ok and len(r.token_ids) == MAX_TOKENS for r in reference), [
-            (len(r.token_ids), r.finish_reason, r.code, r.details) for r in reference
-        ]
+        unfinished = [(len(r.token_ids), r.code, r.details) for r in reference if not r.ok]
+        assert unfinished == [] and all(len(r.token_ids) == MAX_TOKENS for r in reference)
 
         progress: dict[str, Stream] = {}
         tasks = under_way(mesh, prompts, MAX_TOKENS, TIMEOUT_S, progress)
