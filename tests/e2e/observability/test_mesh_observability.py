@@ -168,8 +168,11 @@ async def test_one_generate_is_one_trace_across_processes(
 
     def nested(child: Span, parent: Span) -> None:
         assert child.parent_id == parent.span_id, f"{child.name} is not a child of {parent.name}"
-        # One machine, one clock: a child lies within its parent.
-        assert parent.start_ns <= child.start_ns <= child.end_ns <= parent.end_ns, child.name
+        # One machine, one clock: a child starts within its parent and, in the same process,
+        # ends within it. A callee's server span may close a moment after the caller's: the
+        # caller answers its own client first and the finished stream is torn down after.
+        slack_ns = 0 if child.service == parent.service else 2_000_000_000
+        assert parent.start_ns <= child.start_ns <= child.end_ns <= parent.end_ns + slack_ns, child.name
 
     router = one(ROUTER_GENERATE)
     assert router.service == "infermesh-router"
