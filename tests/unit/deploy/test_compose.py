@@ -118,6 +118,12 @@ def test_health_checks_and_start_order(compose: dict[str, Any]) -> None:
             assert cond["condition"] == wanted, f"{name} -> {dep}: {cond['condition']}"
     router_deps = set(services["router"]["depends_on"])
     assert {"session", "worker-1", "worker-2", "embedder"} <= router_deps
+    # Whatever a service's settings point at (databases, Redis) starts before it.
+    for name, (_, spec) in mesh_services(compose).items():
+        for value in environment(spec).values():
+            for other in ("postgres", "redis"):
+                if f"@{other}:" in value or f"//{other}:" in value:
+                    assert other in (spec.get("depends_on") or {}), f"{name} uses {other} before it is up"
     assert {"postgres", "redis"} <= set(services["session"]["depends_on"])
 
 
