@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from services.common.errors import DeadlineExceeded, ResourceExhausted
 from services.common.telemetry import span
 from services.router.metrics import QUEUE_WAIT, SHED, priority_label
-from services.router.queues import QueuedRequest, RequestQueue
+from services.router.queues import Priority, QueuedRequest, RequestQueue
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 class Capacity:
     slots: int  # streams the usable workers may run for this router
     tokens_per_s: float  # their measured decode throughput, to turn queued tokens into seconds
+    # Streams beyond `slots` that CRITICAL and INTERACTIVE may start at once: a batching worker
+    # takes one more stream at little cost, and their time to first token stays short.
+    headroom: int = 0
 
 
 class Admission:
@@ -48,7 +51,7 @@ class Admission:
         """Hold a slot for the body; wait for one in the queue when all are taken."""
         capacity = self.capacity()
         # No usable worker at all: let dispatch say so (UNAVAILABLE) instead of queueing.
-        if capacity.slots <= 0 or (self.inflight < capacity.slots and not self.queue):
+        if capacity.slots <= 0 or self._free(request.priority, capacity):
             self.inflight += 1
             QUEUE_WAIT.labels(priority_label(request.priority)).observe(0)
         else:
@@ -63,6 +66,16 @@ class Admission:
         finally:
             self.inflight -= 1
             self._pump()
+
+    def _free(self, priority: Priority, capacity: Capacity) -> bool:
+        """Whether a request of `priority` may start now, ahead of nobody who waits."""
+        if self.inflight < capacity.slots and not self.queue:
+            return True
+        return (
+            priority <= Priority.INTERACTIVE
+            and self.inflight < capacity.slots + capacity.headroom
+            and not self.queue.queued_tokens(priority)
+        )
 
     async def _wait(self, request: QueuedRequest, capacity: Capacity, timeout_s: float | None) -> None:
         self.queue.service_tokens_per_s = capacity.tokens_per_s or self.queue.config.service_tokens_per_s

@@ -103,6 +103,13 @@ class RouterConfig:
         "where priorities, deadlines and tenant fair share order them.",
         min=1,
     )
+    priority_headroom: float = setting(
+        0.25,
+        "Share of max_streams_per_worker that CRITICAL and INTERACTIVE requests may start beyond "
+        "it, at once, while lower classes wait in the queue (keeps their time to first token short).",
+        min=0,
+        max=4,
+    )
     queue_policy: str = setting(
         "priority",
         "Admission queue order: priority (classes, deadlines, fair share) or fcfs.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -115,7 +116,8 @@ class Generation:
         workers, tokens_per_s = registry.throughput(
             EndpointKind.WORKER, self.endpoints.clock(), self.config.prior_decode_tokens_per_s
         )
-        return Capacity(workers * self.config.max_streams_per_worker, tokens_per_s)
+        slots = workers * self.config.max_streams_per_worker
+        return Capacity(slots, tokens_per_s, math.ceil(slots * self.config.priority_headroom))
 
     def _load(self, priority: Priority) -> Load:
         """Tokens a new request of `priority` waits behind (queued at the workers, and in this

@@ -153,6 +153,11 @@ class Stream:
         )
 
     @property
+    def ttft_s(self) -> float:
+        """Time to the first token (inf when none came)."""
+        return self.token_times[0] - self.started if self.token_times else float("inf")
+
+    @property
     def elapsed_s(self) -> float:
         return self.ended - self.started
 

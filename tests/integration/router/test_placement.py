@@ -81,7 +81,8 @@ async def test_full_worker_queues_by_priority_and_refuses_deadlines_it_cannot_me
     worker.hold_after = 1  # the first stream keeps the only slot until released
     servers = await start_workers(worker)
     try:
-        async with router_for([servers[0].address], max_streams_per_worker=1) as stub:
+        # No headroom: INTERACTIVE queues like the others (see test_admission for the headroom).
+        async with router_for([servers[0].address], max_streams_per_worker=1, priority_headroom=0) as stub:
             await wait_healthy(stub, {servers[0].address})
             first = asyncio.create_task(collect(stub, chat_request("first one"), timeout=10))
             await wait_until(lambda: len(worker.requests) == 1, what="first stream started")

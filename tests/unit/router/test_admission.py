@@ -19,10 +19,12 @@ class Clock:
         return self.now
 
 
-def make_admission(slots: int, tokens_per_s: float = 1e6, max_wait_s: float = 1000.0) -> Admission:
+def make_admission(
+    slots: int, tokens_per_s: float = 1e6, max_wait_s: float = 1000.0, headroom: int = 0
+) -> Admission:
     limits = {p: ClassLimits(100, max_wait_s) for p in Priority}
     queue = create_request_queue("priority", QueueConfig(limits))
-    capacity = Capacity(slots, tokens_per_s)
+    capacity = Capacity(slots, tokens_per_s, headroom)
     return Admission(queue, lambda: capacity, Clock())
 
 
@@ -123,3 +125,26 @@ async def test_deadline_that_cannot_be_met_is_refused_before_waiting() -> None:
             async with admission.slot(late, 5.0):
                 pass
         assert len(admission.queue) == 0
+
+
+async def test_interactive_and_critical_start_in_the_headroom_while_lower_classes_wait() -> None:
+    admission = make_admission(slots=1, headroom=1)
+    log: list[str] = []
+    go = asyncio.Event()
+    tasks = [
+        asyncio.create_task(hold(admission, make_request(name, priority), log, go))
+        for name, priority in (
+            ("standard", Priority.STANDARD),
+            ("batch", Priority.BATCH),
+            ("interactive", Priority.INTERACTIVE),
+            ("critical", Priority.CRITICAL),
+        )
+    ]
+    await settle()
+    # The slot went to the first; interactive took the headroom; critical waits (no more room)
+    # but ahead of batch.
+    assert log == ["standard", "interactive"] and admission.inflight == 2
+    assert len(admission.queue) == 2
+    go.set()
+    await asyncio.gather(*tasks)
+    assert log == ["standard", "interactive", "critical", "batch"]
