@@ -203,6 +203,7 @@ class BatchService:
 
     def _forget(self, batch_id: str, _task: object) -> None:
         self._running.pop(batch_id, None)
+        self._wake.set()  # a slot is free: a queued job may start now
 
     async def _purge(self) -> None:
         """Drop finished jobs past their retention, at most once an hour per replica."""
@@ -218,6 +219,8 @@ class BatchService:
     async def _claim_loop(self) -> None:
         interval = self.limits.lease_s / 3
         while True:
+            # Cleared before looking, so a job submitted meanwhile wakes the next look.
+            self._wake.clear()
             try:
                 await self._ensure_tables()
                 while len(self._running) < self.config.batch_jobs_per_replica:
@@ -232,7 +235,6 @@ class BatchService:
                 logger.warning("%s; claiming batch jobs again later", exc.message)
             except Exception:
                 logger.exception("claiming batch jobs failed; trying again")
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=interval)
 

@@ -247,3 +247,20 @@ async def test_a_router_whose_batch_store_is_away_still_serves_and_says_so(mesh:
         await router.stop(0)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert (caught.value.details() or "").startswith("the batch store is unavailable")
+
+
+async def test_a_queued_job_starts_as_soon_as_a_slot_frees(mesh: Mesh) -> None:
+    addresses = [s.address for s in mesh.worker_servers]
+    # One job at a time and a long lease: the second job may only wait for the first to end.
+    router = await start_router(worker_addresses=addresses, batch_jobs_per_replica=1, batch_lease_s=600)
+    try:
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.InferenceStub(channel)
+            await wait_healthy(stub, set(addresses))
+            first = await stub.SubmitBatch(batch("first job"), timeout=5)
+            second = await stub.SubmitBatch(batch("second job"), timeout=5)
+            for job in (first, second):
+                done = await wait_state(stub, job.batch_id, DONE, timeout=5)
+                assert done.state == router_pb2.BATCH_STATE_SUCCEEDED
+    finally:
+        await router.stop(0)
