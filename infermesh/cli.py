@@ -206,7 +206,7 @@ def read_batch_file(path: Path) -> list[BatchItem]:
     and optionally model, max_tokens, temperature, top_p, top_k, seed, stop}."""
     items: list[BatchItem] = []
     try:
-        lines = path.read_text().splitlines()
+        lines = (sys.stdin.read() if str(path) == "-" else path.read_text()).splitlines()
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror}") from None
     for number, line in enumerate(lines, start=1):
@@ -259,7 +259,8 @@ def _watch(client: Client, job: BatchJob, interval_s: float) -> BatchJob:
 
 def cmd_batch_submit(args: argparse.Namespace, client: Client) -> int:
     items = read_batch_file(Path(args.file))
-    job = client.submit_batch(items, display_name=args.name or Path(args.file).name)
+    name = args.name or ("stdin" if args.file == "-" else Path(args.file).name)
+    job = client.submit_batch(items, display_name=name)
     print(f"batch {job.batch_id}: {job.total} requests submitted")
     if args.no_wait:
         return 0
@@ -340,7 +341,9 @@ def _add_batch(sub: Any) -> None:
     jobs = batch.add_subparsers(dest="batch_command", required=True)
 
     submit = jobs.add_parser("submit", help="submit a JSONL file of requests and follow its progress")
-    submit.add_argument("file", help="one JSON request per line (custom_id, messages or prompt, ...)")
+    submit.add_argument(
+        "file", help="one JSON request per line (custom_id, messages or prompt, ...); - reads stdin"
+    )
     submit.add_argument("--name", help="display name (default: the file name)")
     submit.add_argument("--no-wait", action="store_true", help="print the batch id and return")
     submit.add_argument("--interval", type=float, default=1.0, help="seconds between progress polls")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 
@@ -74,13 +75,17 @@ async def test_no_wait_returns_at_once_and_cancel_ends_the_job(
 
 
 async def test_a_bad_batch_file_names_the_line(
-    mesh: Mesh, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    mesh: Mesh, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"messages": "fine"}\n\n{"mesages": "typo"}\n')
     assert await run("--address", mesh.address, "batch", "submit", str(path)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}:3: unknown field 'mesages'")
+
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"messages": "from stdin"}\n'))
+    assert await run("--address", mesh.address, "batch", "submit", "-", "--no-wait") == 0
+    assert "1 requests submitted" in capsys.readouterr().out
 
     path.write_text('{"messages": "fine"}\nnot json\n')
     assert await run("--address", mesh.address, "batch", "submit", str(path)) == 2
