@@ -98,6 +98,8 @@ def test_every_service_runs_with_the_config_it_is_given(
         requests = container["resources"]["requests"]
         assert "cpu" in requests and "memory" in requests, f"{kind} has no resource requests"
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        # A locally built image (kind load, minikube image load) must not be pulled.
+        assert container["imagePullPolicy"] == "IfNotPresent"
         assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
