@@ -3,6 +3,7 @@ what the issue asks for, consistent with the code (commands, settings, ports).""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import subprocess
 import tomllib
@@ -173,8 +174,14 @@ def test_databases_are_stateful_sets_with_their_services(
     services = of_kind(objects, "Service")
     for name in sets:
         assert name in services
-    secret_url = next(iter(of_kind(objects, "Secret").values()))["data"]["database-url"]
-    assert secret_url, "the database URL Secret is set"
+    secret = next(iter(of_kind(objects, "Secret").values()))["data"]
+    assert secret["database-url"], "the database URL Secret is set"
+    # Session replicas share one key ring; without it each would make its own key and could
+    # not read what another wrote.
+    keys = base64.b64decode(secret["session-encryption-keys"]).decode()
+    assert keys, "no session key ring"
+    env = {"INFERMESH_SESSION_ENCRYPTION_KEYS": keys}
+    assert load("session", env).encryption_keys == keys
 
 
 def test_network_policies_admit_only_the_callers_of_each_service(
