@@ -169,16 +169,18 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
 
 class Phases:
     """Consecutive spans for the phases of one request (e.g. prefill, then decode): `next()`
-    ends the current phase and opens the following one; `end()` ends whichever is open."""
+    ends the current phase and opens the following one; `end()` ends whichever is open (once)."""
 
     def __init__(self, *names: str) -> None:
         self._names = list(names)
-        self._span = start_span(self._names.pop(0))
+        self._span: trace.Span | None = start_span(self._names.pop(0))
 
     def next(self) -> None:
-        if self._names:
+        if self._names and self._span is not None:
             self._span.end()
             self._span = start_span(self._names.pop(0))
 
     def end(self) -> None:
-        self._span.end()
+        if self._span is not None:
+            self._span.end()
+            self._span = None

@@ -145,6 +145,8 @@ class WorkerService:
         try:
             async for delta in handle.deltas():
                 phases.next()  # the first token ends the prefill
+                if delta.finish is not None:
+                    phases.end()  # now: the caller may not ask past the last delta
                 yield delta
         finally:
             phases.end()
