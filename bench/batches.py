@@ -26,25 +26,12 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+# The servers of bench/router.py, each in a process of its own.
+from bench.router import _spawn as spawn  # noqa: E402
 from infermesh.client import AsyncClient, BatchItem, Client  # noqa: E402
 from infermesh.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
 
 CONCURRENCY = 16
-
-
-def spawn(*args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "router.py"), "--serve", *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
-    address = proc.stdout.readline().strip()
-    if not address:
-        raise RuntimeError(f"bench server {args} did not start")
-    return proc, address
 
 
 def prompts(n: int, tokens: int) -> list[str]:
@@ -118,9 +105,9 @@ def main() -> None:
 
     procs: list[subprocess.Popen[str]] = []
     try:
-        worker, worker_address = spawn("worker", "--token-delay-ms", str(args.token_delay_ms))
+        worker, worker_address = spawn("worker", token_delay_ms=args.token_delay_ms)
         procs.append(worker)
-        router, address = spawn("router", "--worker-address", worker_address)
+        router, address = spawn("router", worker_address)
         procs.append(router)
         with Client(address, timeout=30) as client:
             deadline = time.monotonic() + 30
