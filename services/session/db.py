@@ -115,11 +115,22 @@ def db_errors() -> Iterator[None]:
         logger.warning("database unavailable: %s", describe(exc))
         raise Unavailable("session database unavailable; retry later") from exc
     except sa_exc.DBAPIError as exc:
-        if not exc.connection_invalidated:
+        if not exc.connection_invalidated and not _server_going_away(exc):
             raise
         BACKEND_ERRORS.labels("database", type(exc).__name__).inc()
         logger.warning("database connection lost: %s", describe(exc))
         raise Unavailable("session database connection lost; retry later") from exc
+
+
+# SQLSTATE classes of a server that is starting, shutting down or unreachable: 08 connection
+# exception, 57 operator intervention (57P01 admin shutdown, 57P03 "the database system is
+# starting up", ...). Reported as errors of their own rather than as lost connections.
+_GOING_AWAY_CLASSES = ("08", "57")
+
+
+def _server_going_away(exc: sa_exc.DBAPIError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    return sqlstate[:2] in _GOING_AWAY_CLASSES
 
 
 def describe(exc: BaseException) -> str:

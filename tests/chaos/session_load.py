@@ -72,6 +72,8 @@ class AppendLoad:
     attempts: list[Attempt] = dataclasses.field(default_factory=list)
     # Appends given up on (without retry); each may or may not be stored.
     gave_up: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    # Why appends were given up on, by status and message.
+    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     done: int = 0
 
     async def create_sessions(self) -> None:
@@ -114,6 +116,7 @@ class AppendLoad:
                         await asyncio.sleep(0.05)
                         continue
                     self.gave_up.add((session_id, client_id))
+                    self.errors[f"{exc.code().name}: {exc.details()}"[:160]] += 1
                     break
                 self.attempts.append(Attempt(time.monotonic(), True))
                 self.acked[(session_id, client_id)] = reply.messages[0].seq

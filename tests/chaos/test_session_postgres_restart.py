@@ -57,7 +57,7 @@ async def test_restart_postgres_during_appends_with_retries(tmp_path: Path, log_
             result.note = f"{retries} retried attempts"
             result.passed = verdict.clean and len(load.acked) == load.total
             assert verdict.clean, verdict
-            assert len(load.acked) == load.total and not load.gave_up
+            assert len(load.acked) == load.total and not load.gave_up, load.errors
             # The outage was felt: otherwise the drill proved nothing.
             assert retries > 0 and any(a.at >= back_at for a in load.attempts)
         finally:

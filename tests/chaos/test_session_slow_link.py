@@ -113,11 +113,11 @@ async def test_slow_then_broken_link_between_router_and_session(tmp_path: Path, 
                     assert all(c.ok and not c.without_history for c in healthy), healthy
 
                     proxy.set(latency_s=0.1, jitter_s=0.2, reset_probability=0.05)
-                    slow = await chats(stub, sid, "slow", 12, 4, SLOW_TIMEOUT_S)
+                    slow = await chats(stub, sid, "slow", 8, 4, SLOW_TIMEOUT_S)
 
                     proxy.set(refuse=True)
                     proxy.reset_all()
-                    broken = await chats(stub, sid, "unreachable", 8, 4)
+                    broken = await chats(stub, sid, "unreachable", 4, 4)
 
                     proxy.heal()
                     after: list[Chat] = []

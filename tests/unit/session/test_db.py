@@ -38,6 +38,18 @@ def operational() -> Exception:
     return sa_exc.OperationalError("SELECT 1", {}, OSError("connection refused"))
 
 
+class DriverError(Exception):
+    """A driver error carrying its SQLSTATE, as asyncpg's do."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+def with_sqlstate(sqlstate: str) -> Exception:
+    return sa_exc.DBAPIError("SELECT 1", {}, DriverError(sqlstate))
+
+
 @pytest.mark.parametrize(
     ("raised", "expected"),
     [
@@ -47,6 +59,10 @@ def operational() -> Exception:
         (sa_exc.TimeoutError("pool"), Unavailable),
         (sa_exc.DBAPIError("SELECT 1", {}, Exception("gone"), connection_invalidated=True), Unavailable),
         (sa_exc.IntegrityError("INSERT", {}, Exception("duplicate")), Aborted),
+        # The database system is starting up / shutting down (a restart), a connection failure.
+        (with_sqlstate("57P03"), Unavailable),
+        (with_sqlstate("57P01"), Unavailable),
+        (with_sqlstate("08006"), Unavailable),
     ],
 )
 def test_database_failures_become_domain_errors(raised, expected):
@@ -57,3 +73,5 @@ def test_database_failures_become_domain_errors(raised, expected):
 def test_programming_errors_are_not_hidden():
     with pytest.raises(sa_exc.ProgrammingError), db.db_errors():
         raise sa_exc.ProgrammingError("SELEC 1", {}, Exception("syntax"))
+    with pytest.raises(sa_exc.DBAPIError), db.db_errors():
+        raise with_sqlstate("42601")
