@@ -270,6 +270,8 @@ def cmd_batch_submit(args: argparse.Namespace, client: Client) -> int:
         _err(f"still running on the router; see `infermesh batch status {job.batch_id}`")
         return 130
     print(_job_line(job))
+    if args.output:
+        _write_results(client, job.batch_id, args.output)
     return 0 if job.state.value == "succeeded" else 1
 
 
@@ -308,11 +310,15 @@ def _result_lines(client: Client, batch_id: str) -> Iterator[str]:
         yield json.dumps(out, ensure_ascii=False)
 
 
+def _write_results(client: Client, batch_id: str, output: str) -> None:
+    with open(output, "w") as f:
+        count = sum(1 for line in _result_lines(client, batch_id) if f.write(line + "\n"))
+    _err(f"{count} results written to {output}")
+
+
 def cmd_batch_results(args: argparse.Namespace, client: Client) -> int:
     if args.output:
-        with open(args.output, "w") as f:
-            count = sum(1 for line in _result_lines(client, args.batch_id) if f.write(line + "\n"))
-        _err(f"{count} results written to {args.output}")
+        _write_results(client, args.batch_id, args.output)
         return 0
     for line in _result_lines(client, args.batch_id):
         print(line)
@@ -346,6 +352,7 @@ def _add_batch(sub: Any) -> None:
     )
     submit.add_argument("--name", help="display name (default: the file name)")
     submit.add_argument("--no-wait", action="store_true", help="print the batch id and return")
+    submit.add_argument("-o", "--output", help="once it ends, write the results (JSON lines) to this file")
     submit.add_argument("--interval", type=float, default=1.0, help="seconds between progress polls")
     submit.set_defaults(func=cmd_batch_submit)
 

@@ -42,7 +42,13 @@ async def test_submit_follows_progress_then_results_come_in_order(
 
     output = tmp_path / "out.jsonl"
     assert await run("--address", mesh.address, "batch", "results", batch_id, "-o", str(output)) == 0
+    assert capsys.readouterr().err == f"3 results written to {output}\n"
     got = [json.loads(line) for line in output.read_text().splitlines()]
+    # The same in one command: submit, follow, write the results.
+    again = tmp_path / "again.jsonl"
+    assert await run("--address", mesh.address, "batch", "submit", str(path), "-o", str(again)) == 0
+    assert [json.loads(line)["text"] for line in again.read_text().splitlines()] == [r["text"] for r in got]
+    capsys.readouterr()
     assert [(r["custom_id"], r["text"]) for r in got] == [
         ("a", "echo: first question"),
         ("b", "echo: second question"),
