@@ -75,3 +75,20 @@ def test_block_bytes_counts_keys_and_values_of_every_layer() -> None:
         ARGS, num_blocks=3, block_size=BLOCK, dtype=torch.bfloat16, device=torch.device("cpu")
     )
     assert cache.nbytes == 3 * PagedKVCache.block_bytes(ARGS, BLOCK, torch.bfloat16)
+
+
+def test_decodes_of_different_lengths_padded_together_match_each_alone(model: LlamaModel) -> None:
+    cache = PagedKVCache(
+        ARGS, num_blocks=16, block_size=BLOCK, dtype=torch.float32, device=torch.device("cpu")
+    )
+    tables = {"a": [9, 2, 14], "b": [5, 11, 0], "c": [9, 2, 7]}
+    # Prompts of 10, 8 and 11 tokens (C shares A's first two blocks), then one decode step for all
+    # three at once: different lengths, so the two shorter ones attend through padding.
+    paged_step(model, cache, [(A[:10], 0, tables["a"]), (B[:8], 0, tables["b"])])
+    paged_step(model, cache, [(C[8:11], 8, tables["c"])])
+    decoded = paged_step(
+        model, cache, [([A[10]], 10, tables["a"]), ([B[8]], 8, tables["b"]), ([6], 11, tables["c"])]
+    )
+    torch.testing.assert_close(decoded[0], run(model, A, [len(A)])[-1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decoded[1], run(model, B, [len(B)])[-1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decoded[2], run(model, [*C[:11], 6], [12])[-1:], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,293 @@
+"""The worker engine against Hugging Face transformers on the same weights, in one run.
+
+    python bench/worker.py [--dtype bfloat16] [--threads 0] [--requests 64] [--skip-hf]
+
+Workload "mixed-64": 64 chat requests (seeded), prompts of 20-300 tokens, max_tokens drawn
+from 16-256, ignore_eos, all submitted at t=0. Baseline: transformers `generate` with
+static batches of 16 in arrival order (left-padded; a batch runs until its longest
+request is done, which is how a static batcher serves), same dtype, same threads.
+
+Each contender runs in a process of its own (no shared thread pools, and its own peak
+RSS). Printed: generated tokens/s on mixed-64 and the ratio to the baseline, tokens/s at
+1/8/32/64 concurrent requests, single-stream decode against transformers batch 1, time
+to first token of a second conversation turn (~1,000 tokens) with and without the prefix
+cache, and peak RSS. Read the ratios; absolute figures move with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from services.worker.model.loader import packaged_model_path  # noqa: E402
+from services.worker.request import ChatTurn  # noqa: E402
+from services.worker.tokenizer import Tokenizer  # noqa: E402
+
+STATIC_BATCH = 16
+DECODE_TOKENS = 128
+LEVELS = (1, 8, 32, 64)
+LEVEL_MAX_TOKENS = 64
+CORPUS = (
+    "The lighthouse keeper climbed the spiral stairs every evening to light the lamp. Ships passed "
+    "in the night, their crews grateful for the steady beam that marked the rocks. In winter the "
+    "storms came from the north and the sea rose over the harbour wall, and the village gathered in "
+    "the tavern to tell stories of wrecks and rescues, of captains who had sailed to the far islands "
+    "and merchants who had traded spices, silk and silver along the coast for a hundred years. "
+)
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def workload(tokenizer: Tokenizer, n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt token ids, max_tokens) of n chat requests; prompts 20-300 tokens, max_tokens 16-256."""
+    rng = random.Random(seed)
+    words = (CORPUS * 20).split()
+    empty = len(tokenizer.encode_chat([ChatTurn("user", "")]))
+    work = []
+    for _ in range(n):
+        target = rng.randint(20, 300)
+        start = rng.randrange(len(words) // 2)
+        text = " ".join(words[start : start + max(1, target - empty)])
+        ids = tokenizer.encode_chat([ChatTurn("user", text)])
+        while len(ids) > target and len(text.split()) > 1:
+            text = " ".join(text.split()[:-1])
+            ids = tokenizer.encode_chat([ChatTurn("user", text)])
+        work.append((ids, rng.randint(16, 256)))
+    return work
+
+
+def conversation(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """A first turn of ~1,000 tokens (question and answer) and the second turn's prompt that extends it."""
+    words = (CORPUS * 40).split()
+    first = [ChatTurn("user", " ".join(words[:420])), ChatTurn("assistant", " ".join(words[420:760]))]
+    second = [*first, ChatTurn("user", "Summarise the story in one sentence.")]
+    return tokenizer.encode_chat(first), tokenizer.encode_chat(second)
+
+
+# --- our engine -------------------------------------------------------------------------------
+
+
+def make_engine(dtype: str, *, max_running: int = 64, prefix_caching: bool = True) -> Any:
+    from services.worker.config import WorkerConfig
+    from services.worker.engine import Engine
+    from services.worker.runner import ModelRunner
+    from services.worker.service import build_batching
+
+    config = WorkerConfig(
+        dtype=dtype, max_context=2048, max_running=max_running, prefix_caching=prefix_caching
+    )
+    runner, _ = ModelRunner.load(packaged_model_path(), torch.device("cpu"), getattr(torch, dtype), 2048)
+    return Engine(*build_batching(config, runner))
+
+
+def new_seq(ids: list[int], max_tokens: int, request_id: str) -> Any:
+    from services.worker.request import SamplingParams
+    from services.worker.sequence import GenSequence
+
+    return GenSequence(
+        request_id=request_id,
+        prompt_ids=ids,
+        resume_ids=(),
+        sampling=SamplingParams(ignore_eos=True),
+        seed=0,
+        max_new_tokens=max_tokens,
+        decode=lambda _: "",
+    )
+
+
+async def run_all(engine: Any, work: list[tuple[list[int], int]]) -> tuple[int, float, list[float]]:
+    """Submit every request at once; (generated tokens, seconds, time to first token of each)."""
+    started = time.perf_counter()
+    firsts: list[float] = []
+
+    async def one(i: int, ids: list[int], max_tokens: int) -> int:
+        n = 0
+        async for delta in engine.submit(new_seq(ids, max_tokens, f"r{i}")).deltas():
+            if n == 0:
+                firsts.append(time.perf_counter() - started)
+            n += len(delta.token_ids)
+        return n
+
+    counts = await asyncio.gather(*(one(i, ids, m) for i, (ids, m) in enumerate(work)))
+    return sum(counts), time.perf_counter() - started, firsts
+
+
+async def decode_rate(engine: Any, ids: list[int]) -> float:
+    """Single-stream tokens/s after the first token (the prefill is not decode)."""
+    times = []
+    async for _ in engine.submit(new_seq(ids, DECODE_TOKENS, "decode")).deltas():
+        times.append(time.perf_counter())
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+async def ttft(engine: Any, ids: list[int]) -> float:
+    started = time.perf_counter()
+    async for _ in engine.submit(new_seq(ids, 1, "ttft")).deltas():
+        pass
+    return time.perf_counter() - started
+
+
+async def ours(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str, Any]:
+    work = workload(tokenizer, args.requests)
+    engine = make_engine(args.dtype)
+    engine.start()
+    await run_all(engine, [(ids, 4) for ids, _ in work[:4]])  # warm-up
+    tokens, seconds, firsts = await run_all(engine, work)
+    result: dict[str, Any] = {
+        "mixed_tok_s": tokens / seconds,
+        "mixed_tokens": tokens,
+        "mixed_s": seconds,
+        "ttft_p50_s": statistics.median(firsts),
+        "levels": {},
+    }
+    for level in LEVELS:
+        shifted = workload(tokenizer, level, seed=level)  # new prompts: no prefix-cache help
+        tokens, seconds, _ = await run_all(engine, [(ids, LEVEL_MAX_TOKENS) for ids, _ in shifted])
+        result["levels"][level] = tokens / seconds
+    result["decode_tok_s"] = await decode_rate(engine, work[0][0])
+    first, second = conversation(tokenizer)
+    result["conversation_tokens"] = len(second)
+    await ttft(engine, first)  # the first turn: its blocks stay cached
+    result["ttft_cached_s"] = await ttft(engine, second)
+    await engine.stop()
+    cold = make_engine(args.dtype, prefix_caching=False)
+    cold.start()
+    await ttft(cold, first[:8])  # warm-up
+    result["ttft_uncached_s"] = await ttft(cold, second)
+    await cold.stop()
+    result["peak_rss_mb"] = rss_mb()
+    return result
+
+
+# --- transformers -----------------------------------------------------------------------------
+
+
+def hf(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str, Any]:
+    from tests.fixtures.reference_model import load_reference
+
+    model = load_reference(packaged_model_path(), getattr(torch, args.dtype))
+    work = workload(tokenizer, args.requests)
+    pad = tokenizer.eos_token_ids[0]
+
+    def static_batch(batch: list[tuple[list[int], int]]) -> None:
+        longest = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([[pad] * (longest - len(p)) + p for p, _ in batch])
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p, _ in batch])
+        new = max(m for _, m in batch)
+        # min_new_tokens: runs to the end like ignore_eos does on our side.
+        model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+
+    with torch.inference_mode():
+        static_batch([(ids, 4) for ids, _ in work[:2]])  # warm-up
+        started = time.perf_counter()
+        for i in range(0, len(work), STATIC_BATCH):
+            static_batch(work[i : i + STATIC_BATCH])
+        seconds = time.perf_counter() - started
+        # Useful tokens only: what a static batch generates past a request's max_tokens is thrown away.
+        useful = sum(m for _, m in work)
+        ids = torch.tensor([work[0][0]])
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=pad)
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        model.generate(
+            ids, max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS, do_sample=False, pad_token_id=pad
+        )
+        decode = (DECODE_TOKENS - 1) / (time.perf_counter() - started - first)
+    return {
+        "mixed_tok_s": useful / seconds,
+        "mixed_s": seconds,
+        "decode_tok_s": decode,
+        "peak_rss_mb": rss_mb(),
+    }
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = Tokenizer.load(packaged_model_path(), ROOT / ".cache" / "worker", eos_token_ids=(2,))
+    result = asyncio.run(ours(args, tokenizer)) if args.role == "ours" else hf(args, tokenizer)
+    print("RESULT " + json.dumps(result))
+
+
+def run_child(role: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--role", role, "--dtype", args.dtype, "--threads", str(args.threads)]
+    cmd += ["--requests", str(args.requests)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[len("RESULT ") :]))
+    raise SystemExit(f"{role} failed:\n{out.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in both; 0: torch's default")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--skip-hf", action="store_true", help="only our engine (no ratios)")
+    parser.add_argument("--role", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        return child(args)
+    base = None if args.skip_hf else run_child("hf", args)
+    mine = run_child("ours", args)
+    threads = args.threads or torch.get_num_threads()
+    print(
+        f"mixed-{args.requests}, {args.dtype}, {threads} threads; baseline: transformers static batches of 16"
+    )
+    print(f"{'measure':<44}{'infermesh':>12}{'baseline':>12}{'ratio':>8}")
+
+    def row(name: str, value: float, baseline: float | None = None, fmt: str = ".1f") -> None:
+        ratio = f"{value / baseline:>8.2f}" if baseline else f"{'':>8}"
+        shown = f"{baseline:>12{fmt}}" if baseline is not None else f"{'':>12}"
+        print(f"{name:<44}{value:>12{fmt}}{shown}{ratio}")
+
+    row("mixed: generated tok/s", mine["mixed_tok_s"], base and base["mixed_tok_s"])
+    row("mixed: wall s", mine["mixed_s"], base and base["mixed_s"])
+    row("mixed: time to first token p50 s", mine["ttft_p50_s"], fmt=".2f")
+    for level, rate in mine["levels"].items():
+        row(f"{level} concurrent ({LEVEL_MAX_TOKENS} tokens each): tok/s", rate)
+    row("single-stream decode tok/s", mine["decode_tok_s"], base and base["decode_tok_s"])
+    row(
+        f"second turn TTFT s ({mine['conversation_tokens']} tok), cached",
+        mine["ttft_cached_s"],
+        mine["ttft_uncached_s"],
+        fmt=".3f",
+    )
+    print(f"{'  (baseline column: same turn without prefix cache)':<44}")
+    row("peak RSS MB", mine["peak_rss_mb"], base and base["peak_rss_mb"], fmt=".0f")
+
+
+if __name__ == "__main__":
+    main()
