@@ -2,9 +2,10 @@
 
 Proves that an acknowledged append survives a database restart and that retries with the same
 client message id never store a message twice, even when the append that failed did commit.
-Postgres is stopped (fast shutdown, which ends every session at once) while appends are in
-flight, kept down for a second and started again on the same port and data; the service must
-find it again by itself. Recovery is from the moment Postgres accepts connections again until
+Postgres is stopped while appends are in flight (a fast shutdown, which ends every session at
+once and rolls back what was in flight, or SIGKILL, a crash that Postgres recovers from its
+WAL), kept down for a second and started again on the same port and data; the service must find
+it again by itself. Recovery is from the moment Postgres accepts connections again until
 the service acknowledged an append.
 """
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from infermesh.session.v1 import session_pb2_grpc
 from tests.chaos.harness import DrillResult, ThrowawayPostgres, recording, wait_until
@@ -24,10 +26,15 @@ from tests.chaos.session_load import AppendLoad, session_env, session_service
 DOWN_S = 1.0
 
 
-async def test_restart_postgres_during_appends_with_retries(tmp_path: Path, log_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("how", "sig"), [("fast shutdown", signal.SIGINT), ("SIGKILL", signal.SIGKILL)], ids=["shutdown", "kill"]
+)
+async def test_restart_postgres_during_appends_with_retries(
+    tmp_path: Path, log_dir: Path, how: str, sig: int
+) -> None:
     postgres = ThrowawayPostgres()
     await postgres.start()
-    result = DrillResult("5 postgres restart", "16 writers, 1000 appends", f"stop postgres {DOWN_S:.0f} s")
+    result = DrillResult("5 postgres restart", "16 writers, 1000 appends", f"{how}, down {DOWN_S:.0f} s")
     running: asyncio.Task[None] | None = None
     with recording(result):
         try:
@@ -41,7 +48,7 @@ async def test_restart_postgres_during_appends_with_retries(tmp_path: Path, log_
                 running = asyncio.create_task(load.run())
 
                 await wait_until(lambda: load.done >= 300, timeout=60)
-                postgres.stop(signal.SIGINT)
+                postgres.stop(sig)
                 await asyncio.sleep(DOWN_S)
                 await postgres.start()
                 back_at = time.monotonic()
