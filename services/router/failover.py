@@ -73,13 +73,15 @@ def resume_request(req: worker_pb2.GenerateRequest, delivered: Sequence[int]) ->
 
 
 class WatchedStream:
-    """Reads one worker stream; a read that waits too long raises StreamBroken.
+    """Reads one worker stream; a watchdog cancels it when it waits too long, and the read
+    then raises StreamBroken.
 
     Too long means `stall_timeout_s` without a message once tokens flow; before the first
     one, the worker may be busy with a long prompt or a queue, so the wait only counts
     once the endpoint itself is no longer usable (its reports stopped, it went down or it
     was ejected). A stall is only given up on when `can_move` says another worker could
-    take over: a slow worker is better than none.
+    take over: a slow worker is better than none. Reads go straight to the call, so
+    watching costs nothing per token.
     """
 
     def __init__(
@@ -100,34 +102,42 @@ class WatchedStream:
         self._loop = asyncio.get_running_loop()
         self._last = self._loop.time()
         self._flowing = False
+        self._stalled: StreamBroken | None = None
+        self._watchdog = self._loop.create_task(self._watch(), name=f"watch {address}")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._check_interval_s)
+            gap = self._loop.time() - self._last
+            stalled = gap >= self._stall_timeout_s and (self._flowing or not self._usable())
+            if stalled and self._can_move():
+                what = "no token" if self._flowing else "no first token and the worker is unusable"
+                self._stalled = StreamBroken("stalled", f"{what} for {gap:.1f}s")
+                self.call.cancel()
+                return
 
     async def read(self) -> Any:
         """The next message, or grpc.aio.EOF; StreamBroken when the stream broke or stalled."""
-        task = asyncio.ensure_future(self.call.read())
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self._check_interval_s)
-                if done:
-                    break
-                gap = self._loop.time() - self._last
-                stalled = gap >= self._stall_timeout_s and (self._flowing or not self._usable())
-                if stalled and self._can_move():
-                    what = "no token" if self._flowing else "no first token and the worker is unusable"
-                    raise StreamBroken("stalled", f"{what} for {gap:.1f}s")
-            message = task.result()
+            message = await self.call.read()
+        except asyncio.CancelledError:
+            # The watchdog cancelled the call; any other cancellation is the caller's own.
+            if self._stalled is not None:
+                raise self._stalled from None
+            raise
         except grpc.aio.AioRpcError as exc:
-            failure = broken(exc)
+            failure = self._stalled or broken(exc)
             if failure is None:
                 raise
             raise failure from None
-        finally:
-            if not task.done():
-                task.cancel()
+        if self._stalled is not None:
+            raise self._stalled
         self._last = self._loop.time()
         self._flowing = True
         return message
 
     def cancel(self) -> None:
+        self._watchdog.cancel()
         self.call.cancel()
 
 
