@@ -12,14 +12,14 @@ ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim AS build
 ARG TORCH=torch==2.13.0
-# An extra package index (e.g. PyTorch's CPU-only wheels), passed with --build-arg.
-ARG PIP_EXTRA_INDEX_URL=
+# An extra package index for torch (e.g. PyTorch's CPU-only wheels): --build-arg EXTRA_INDEX_URL=...
+ARG EXTRA_INDEX_URL
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/infermesh
 ENV PATH=/opt/infermesh/bin:$PATH
 WORKDIR /src
 # Heavy, rarely changing layers first.
-RUN pip install "${TORCH}"
+RUN pip install ${EXTRA_INDEX_URL:+--extra-index-url "$EXTRA_INDEX_URL"} "${TORCH}"
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY scripts ./scripts
