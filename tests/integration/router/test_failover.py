@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from infermesh.common.v1 import common_pb2
-from infermesh.router.v1 import router_pb2_grpc
+from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from services.common.server import GrpcServer
-from tests.integration.router.fakes import FakeWorker, start_fake, words
+from tests.integration.router.fakes import FakeSessionStore, FakeWorker, start_fake, words
 from tests.integration.router.helpers import chat_request, router_for, text_of, wait_healthy, wait_until
 
 TEXT = "one two three four five six seven eight"
@@ -27,8 +27,12 @@ async def pair(**router: Any) -> AsyncIterator[tuple[list[FakeWorker], list[Grpc
     """Workers a and b; b reports more load, so a request goes to a first."""
     workers = [FakeWorker("a", token_delay_s=0.01), FakeWorker("b", running=1, token_delay_s=0.01)]
     servers = [await start_fake(w) for w in workers]
+    if router.get("session_address") is True:
+        store = FakeSessionStore()
+        servers.append(await start_fake(store))
+        router["session_address"] = servers[-1].address
     try:
-        async with router_for([s.address for s in servers], **router) as stub:
+        async with router_for([s.address for s in servers[:2]], **router) as stub:
             await wait_healthy(stub, {s.address for s in servers})
             yield workers, servers, stub
     finally:
@@ -152,3 +156,23 @@ async def test_a_stall_with_nowhere_to_go_waits_for_the_slow_worker() -> None:
             assert text_of(responses) == EXPECTED and not failovers(responses)
     finally:
         await server.stop(0)
+
+
+async def test_a_failed_over_reply_is_recorded_once_and_whole_in_the_session() -> None:
+    async with pair(session_address=True) as (workers, servers, stub):
+        session = await stub.CreateSession(router_pb2.CreateSessionRequest(user_id="u"), timeout=5)
+        workers[0].hold_after = 3
+        req = chat_request(TEXT, session_id=session.session_id)
+        task = asyncio.create_task(read_all(stub.Generate(req, timeout=10)))
+        await wait_until(lambda: any(left for left in workers[0].tokens_left.values()), what="a streaming")
+        await asyncio.sleep(0.1)
+        await servers[0].stop(0)
+        responses = await task
+        assert text_of(responses) == EXPECTED and len(failovers(responses)) == 1
+        history = await stub.GetHistory(
+            router_pb2.GetHistoryRequest(session_id=session.session_id), timeout=5
+        )
+        assert [(m.role, m.content) for m in history.messages] == [
+            (common_pb2.ROLE_USER, TEXT),
+            (common_pb2.ROLE_ASSISTANT, EXPECTED),
+        ]
