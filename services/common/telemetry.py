@@ -1,10 +1,10 @@
 """OpenTelemetry tracing across the mesh: one trace per request, router to every hop.
 
 The entry point of each service calls `configure_tracing`; with no OTLP endpoint nothing is
-installed, the API's no-op tracer answers `span()` and no interceptor is added, so tracing
-off costs nothing. On, the router continues the caller's W3C `traceparent` (or starts a
-trace), every server opens a span per RPC (opentelemetry-instrumentation-grpc), and the
-router's channels carry the current context to the session service, workers and embedders.
+installed, `span()` hands back one shared do-nothing object and no interceptor is added, so
+tracing off costs next to nothing. On, the router continues the caller's W3C `traceparent` (or
+starts a trace), every server opens a span per RPC (opentelemetry-instrumentation-grpc), and
+the router's channels carry the current context to the session service, workers and embedders.
 """
 
 from __future__ import annotations
