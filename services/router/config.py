@@ -137,6 +137,13 @@ class RouterConfig:
         "at which each degradation step starts: cap max_tokens, fallback model, cached replies, "
         "hold BATCH, refuse.",
     )
+    overload_window_s: float = setting(
+        1.0,
+        "Work queued at a worker counts toward the degradation ladder only once it lasted this long "
+        "(the least it reported within this window): a burst being admitted is not overload.",
+        min=0,
+        max=60,
+    )
     degraded_max_tokens: int = setting(
         128, "max_tokens of STANDARD and BATCH requests once the ladder caps it.", min=1
     )

@@ -100,6 +100,7 @@ class Generation:
             attempts=config.failover_attempts,
             on_failover=lambda reason: FAILOVERS.labels("worker", reason).inc(),
         )
+        endpoints.registry.waiting_window_s = config.overload_window_s
         self.overload = Overload(
             LadderConfig(
                 thresholds_s=tuple(config.degradation_thresholds_s),  # type: ignore[arg-type]

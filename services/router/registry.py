@@ -8,8 +8,9 @@ its latest report is fresh, it is not draining and it is not ejected for repeate
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.router.catalog import merge
 from services.router.domain import EndpointKind, LoadSnapshot, ModelKind, ModelSpec
@@ -34,6 +35,8 @@ class EndpointState:
     errors: int = 0  # consecutive failed requests
     ejected_until: float = 0.0
     retired: bool = False  # left service discovery: no new requests, not listed
+    # (clock reading, waiting tokens) of the reports within the registry's waiting window.
+    waiting: deque[tuple[float, int]] = field(default_factory=deque)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class Registry:
         self.eject_s = eject_s
         self._endpoints: dict[str, EndpointState] = {}
         self._configured: tuple[ModelSpec, ...] = ()
+        # Queued work counts as such once it lasted this long: a burst being admitted is not a queue.
+        self.waiting_window_s = 0.0
 
     def add(self, address: str, kind: EndpointKind) -> None:
         if address in self._endpoints:
@@ -85,6 +90,9 @@ class Registry:
         state.reported_at = now
         state.placed_tokens = 0
         state.reports += 1
+        state.waiting.append((now, load.waiting_tokens))
+        while len(state.waiting) > 1 and state.waiting[0][0] < now - self.waiting_window_s:
+            state.waiting.popleft()
         if load.decode_tokens_per_s > 0:
             state.decode_tokens_per_s = load.decode_tokens_per_s
         if load.prefill_tokens_per_s > 0:
@@ -176,11 +184,13 @@ class Registry:
 
     def waiting_tokens(self, kind: EndpointKind, now: float) -> int:
         """Tokens queued at the usable endpoints of `kind` and not started yet: the work a new
-        request waits behind (running sequences do not delay it in a batching worker)."""
+        request waits behind (running sequences do not delay it in a batching worker). Each
+        endpoint counts the least it reported within the waiting window, so only a queue that
+        lasts counts."""
         return sum(
-            state.load.waiting_tokens
+            min(tokens for _, tokens in state.waiting)
             for state in self._endpoints.values()
-            if state.kind is kind and state.load is not None and self._assess(state, now)[0]
+            if state.kind is kind and state.waiting and self._assess(state, now)[0]
         )
 
     def throughput(self, kind: EndpointKind, now: float, prior_tokens_per_s: float) -> tuple[int, float]:

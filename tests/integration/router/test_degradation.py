@@ -32,7 +32,10 @@ async def ladder() -> AsyncIterator[tuple[FakeWorker, Any]]:
     server = await start_fake(worker)
     try:
         async with router_for(
-            [server.address], degradation_thresholds_s=[1.0, 2.0, 3.0, 4.0, 5.0], degraded_max_tokens=2
+            [server.address],
+            degradation_thresholds_s=[1.0, 2.0, 3.0, 4.0, 5.0],
+            degraded_max_tokens=2,
+            overload_window_s=0,  # the ladder follows the latest report at once
         ) as stub:
             await wait_for_wait(worker, stub, 0.0)
             yield worker, stub

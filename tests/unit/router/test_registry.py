@@ -206,3 +206,21 @@ def test_describe_names_each_endpoint_and_why() -> None:
         "w1 stale: last load report 5.0s ago; w2 down: refused"
     )
     assert registry.describe(EndpointKind.EMBEDDER, 5.0) == "no embedder configured"
+
+
+def test_waiting_tokens_count_only_a_queue_that_lasts_the_window() -> None:
+    registry = make_registry("a", "b")
+    registry.waiting_window_s = 1.0
+    bring_up(registry, "a", 0.0)
+    bring_up(registry, "b", 0.0, waiting_tokens=50)
+    registry.on_report("a", LoadSnapshot(waiting_tokens=900), 0.5)  # a burst being admitted
+    assert registry.waiting_tokens(EndpointKind.WORKER, 0.5) == 50  # a's 0 is still in its window
+    registry.on_report("a", LoadSnapshot(waiting_tokens=700), 1.2)
+    registry.on_report("b", LoadSnapshot(waiting_tokens=80), 1.2)
+    # a's queue lasted (900 then 700 within the window); b's earlier 50 left the window.
+    assert registry.waiting_tokens(EndpointKind.WORKER, 1.2) == 700 + 80
+    registry.on_report("a", LoadSnapshot(waiting_tokens=0), 1.3)
+    assert registry.waiting_tokens(EndpointKind.WORKER, 1.3) == 0 + 80
+    registry.waiting_window_s = 0.0
+    registry.on_report("b", LoadSnapshot(waiting_tokens=80), 1.4)
+    assert registry.waiting_tokens(EndpointKind.WORKER, 1.4) == 80  # no window: the latest report
