@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ from services.session.model import NewMessage, NewSession, Role
 from services.session.server import create_server
 from services.session.sql_store import SqlStore
 from tests.chaos.harness import FaultProxy
+from tests.fixtures.databases import ThrowawayPostgres
 
 from .conftest import session_config
 from .helpers import TENANT, all_history, append, create, history, msg, status_of
@@ -238,3 +240,48 @@ async def test_a_hung_database_answers_unavailable_before_the_request_deadline_t
                 assert [m.content for m in await all_history(stub, s.session_id)][-1] == "after"
         finally:
             await srv.stop(0)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["shutdown", "kill"])
+async def test_a_restarted_postgres_keeps_what_was_acknowledged_and_the_service_recovers(sig):
+    """A throwaway Postgres of its own (never the shared one), stopped and started mid-test."""
+    postgres = ThrowawayPostgres()
+    await postgres.start()
+    url = make_url(postgres.url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    srv = await create_server(session_config(url, db_timeout_s=2.0, health_interval_s=0.2))
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = session_pb2_grpc.SessionStoreStub(channel)
+            s = await create(stub)
+            for n in range(3):
+                await append(stub, s.session_id, msg(f"before {n}"))
+
+            postgres.stop(sig)
+            # After SIGKILL a backend may live on for a moment and still commit (its WAL is kept).
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await append(stub, s.session_id, msg("during", client_msg_id="during"), timeout=5)
+            await wait_for_health(srv.address, health_pb2.HealthCheckResponse.NOT_SERVING)
+            err = await status_of(append(stub, s.session_id, msg("down"), timeout=5))
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+
+            await postgres.start()
+            await wait_for_health(srv.address, health_pb2.HealthCheckResponse.SERVING)
+
+            async def retried(content: str) -> session_pb2.AppendMessagesResponse:
+                # The first call may still meet a connection from before the restart.
+                for attempt in range(3):
+                    try:
+                        return await append(stub, s.session_id, msg(content, client_msg_id=content))
+                    except grpc.aio.AioRpcError as exc:
+                        assert exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < 2
+                raise AssertionError("unreachable")
+
+            assert (await retried("during")).messages[0].seq == 4
+            assert (await retried("after")).last_seq == 5
+            contents = [m.content for m in await all_history(stub, s.session_id)]
+            assert contents == ["before 0", "before 1", "before 2", "during", "after"]
+    finally:
+        await srv.stop(0)
+        postgres.remove()
