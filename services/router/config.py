@@ -104,7 +104,7 @@ class RouterConfig:
         min=1,
     )
     priority_headroom: float = setting(
-        0.25,
+        1.0,
         "Share of max_streams_per_worker that CRITICAL and INTERACTIVE requests may start beyond "
         "it, at once, while lower classes wait in the queue (keeps their time to first token short).",
         min=0,
