@@ -146,7 +146,11 @@ async def create_server(config: SessionConfig) -> SessionServer:
         default_page_size=config.default_page_size,
         max_page_size=config.max_page_size,
     )
-    servicer = SessionStoreServicer(store, limits, ready=lambda: probe.ready)
+    # A store call waits for a pooled connection, connects and runs its statements, each bounded
+    # by db_timeout_s; a deadline nearer than a few of those is guarded in the servicer.
+    servicer = SessionStoreServicer(
+        store, limits, ready=lambda: probe.ready, guard_below_s=3 * config.db_timeout_s
+    )
     governance = GovernanceServicer(KeysStore(sql_store.engine), ready=lambda: probe.ready)
 
     def register(server: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -21,11 +22,13 @@ T = TypeVar("T")
 DEADLINE_MARGIN_S = 0.02
 
 
-async def within_deadline(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
-    """`call`, given up with UNAVAILABLE just before the request's deadline (a hung database
-    must not hold the caller past it; db_timeout_s bounds calls without a deadline)."""
+async def within_deadline(context: grpc.aio.ServicerContext, call: Awaitable[T], guard_below_s: float) -> T:
+    """`call`, given up with UNAVAILABLE just before the request's deadline when that is less
+    than `guard_below_s` away (a hung database must not hold the caller past it). Calls with
+    more time left, or none set, are bounded by the database timeouts alone, which saves a task
+    per call."""
     remaining = context.time_remaining()
-    if remaining is None:
+    if remaining is None or remaining >= guard_below_s:
         return await call
     # A task of its own: once cancelled, it may take a while to let go of a hung connection,
     # and the caller must not wait for that.
@@ -49,10 +52,24 @@ def _discard_outcome(task: asyncio.Future[Any]) -> None:
 
 
 class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
-    def __init__(self, store: Store, limits: Limits, ready: Callable[[], bool] = lambda: True) -> None:
+    """`guard_below_s`: requests whose deadline is nearer than this are answered UNAVAILABLE
+    before it if the store has not answered; set it to what the store's own timeouts allow a
+    call to take."""
+
+    def __init__(
+        self,
+        store: Store,
+        limits: Limits,
+        ready: Callable[[], bool] = lambda: True,
+        guard_below_s: float = math.inf,
+    ) -> None:
         self._store = store
         self._limits = limits
         self._ready = ready
+        self._guard_below_s = guard_below_s
+
+    def _bounded(self, context: grpc.aio.ServicerContext, call: Awaitable[T]) -> Awaitable[T]:
+        return within_deadline(context, call, self._guard_below_s)
 
     def _check_ready(self) -> None:
         # Before the first successful probe the schema may not exist yet.
@@ -65,7 +82,7 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
     ) -> common_pb2.Session:
         new = validation.normalize_new_session(convert.new_session_from_pb(request))
         self._check_ready()
-        return convert.session_to_pb(await within_deadline(context, self._store.create_session(new)))
+        return convert.session_to_pb(await self._bounded(context, self._store.create_session(new)))
 
     @grpc_errors
     async def GetSession(
@@ -73,7 +90,7 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
     ) -> common_pb2.Session:
         validation.check_session_ref(request.tenant, request.session_id)
         self._check_ready()
-        info = await within_deadline(context, self._store.get_session(request.tenant, request.session_id))
+        info = await self._bounded(context, self._store.get_session(request.tenant, request.session_id))
         return convert.session_to_pb(info)
 
     @grpc_errors
@@ -86,7 +103,7 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
         if expected is not None:
             validation.check_seq("expected_last_seq", expected)
         self._check_ready()
-        result = await within_deadline(
+        result = await self._bounded(
             context, self._store.append(request.tenant, request.session_id, new, expected)
         )
         return convert.append_to_pb(result)
@@ -99,7 +116,7 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
         validation.check_seq("after_seq", request.after_seq)
         limit = validation.page_size(request.page_size, self._limits)
         self._check_ready()
-        page = await within_deadline(
+        page = await self._bounded(
             context, self._store.history(request.tenant, request.session_id, request.after_seq, limit)
         )
         return convert.history_to_pb(page)
@@ -110,7 +127,7 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
     ) -> session_pb2.GetWindowResponse:
         validation.check_session_ref(request.tenant, request.session_id)
         self._check_ready()
-        window = await within_deadline(
+        window = await self._bounded(
             context, self._store.window(request.tenant, request.session_id, request.token_budget)
         )
         return convert.window_to_pb(window)
@@ -121,7 +138,7 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
     ) -> session_pb2.DeleteSessionResponse:
         validation.check_session_ref(request.tenant, request.session_id)
         self._check_ready()
-        await within_deadline(context, self._store.delete_session(request.tenant, request.session_id))
+        await self._bounded(context, self._store.delete_session(request.tenant, request.session_id))
         return session_pb2.DeleteSessionResponse()
 
     @grpc_errors
@@ -139,5 +156,5 @@ class SessionStoreServicer(session_pb2_grpc.SessionStoreServicer):
     ) -> session_pb2.EraseUserDataResponse:
         validation.check_user_ref(request.tenant, request.user_id)
         self._check_ready()
-        erased = await within_deadline(context, self._store.erase_user(request.tenant, request.user_id))
+        erased = await self._bounded(context, self._store.erase_user(request.tenant, request.user_id))
         return convert.erase_to_pb(erased)
