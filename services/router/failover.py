@@ -21,7 +21,7 @@ import grpc
 
 from infermesh.common.v1 import common_pb2
 from infermesh.worker.v1 import worker_pb2
-from services.common.errors import Unavailable
+from services.common.errors import ResourceExhausted, Unavailable
 from services.router.domain import Degradation, DegradationStep, EndpointKind
 from services.router.endpoints import EndpointMonitor
 from services.router.placement import Ask
@@ -41,12 +41,30 @@ _BROKEN = frozenset(
 
 
 class StreamBroken(Exception):
-    """The worker stream cannot go on; `reason` is a short label (metrics, logs)."""
+    """The worker stream cannot go on; `reason` is a short label (metrics, logs).
 
-    def __init__(self, reason: str, detail: str) -> None:
+    `retry_after_ms` is set when the worker refused the request for being full: another
+    worker may take it, and if none can, the caller is told to come back later.
+    """
+
+    def __init__(self, reason: str, detail: str, retry_after_ms: int | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.retry_after_ms = retry_after_ms
+
+
+_MIN_RETRY_AFTER_MS = 100
+
+
+def _full(exc: grpc.aio.AioRpcError) -> StreamBroken:
+    """A worker's RESOURCE_EXHAUSTED, with its pushback (or a short one when it gave none)."""
+    pushback = dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+    try:
+        retry_after_ms = max(_MIN_RETRY_AFTER_MS, int(str(pushback)))
+    except ValueError:
+        retry_after_ms = _MIN_RETRY_AFTER_MS
+    return StreamBroken("worker_full", exc.details() or "RESOURCE_EXHAUSTED", retry_after_ms)
 
 
 def broken(exc: grpc.aio.AioRpcError) -> StreamBroken | None:
@@ -127,6 +145,8 @@ class WatchedStream:
             raise
         except grpc.aio.AioRpcError as exc:
             failure = self._stalled or broken(exc)
+            if failure is None and exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and not self._flowing:
+                failure = _full(exc)
             if failure is None:
                 raise
             raise failure from None
@@ -200,6 +220,8 @@ class Failover:
             except Unavailable as exc:
                 if last_failure is None:
                     raise
+                if last_failure.retry_after_ms is not None:
+                    raise _refused(failed[-1], last_failure) from None
                 raise Unavailable(
                     f"worker {failed[-1]} failed ({last_failure}) and no other worker can continue "
                     f"the request: {exc.message}"
@@ -226,7 +248,8 @@ class Failover:
             except StreamBroken as exc:
                 last_failure = exc
                 failed.append(address)
-                if registry.on_error(address, clock()):
+                # A full worker is busy, not broken.
+                if exc.retry_after_ms is None and registry.on_error(address, clock()):
                     logger.warning("worker %s ejected after repeated failures", address)
                 started = bool(delivered)
                 label = exc.reason if started else f"{exc.reason}_before_first_token"
@@ -237,6 +260,8 @@ class Failover:
                     "worker %s failed after %d tokens (%s); moving the request", address, len(delivered), exc
                 )
                 if len(failed) >= self.attempts:
+                    if exc.retry_after_ms is not None:
+                        raise _refused(address, exc) from None
                     raise Unavailable(
                         f"worker {address} failed ({exc}); no more workers tried "
                         f"(failover_attempts={self.attempts})"
@@ -250,3 +275,11 @@ class Failover:
             finally:
                 stream.cancel()
                 self.endpoints.release(placement)
+
+
+def _refused(address: str, failure: StreamBroken) -> ResourceExhausted:
+    assert failure.retry_after_ms is not None
+    return ResourceExhausted(
+        f"worker {address} is full ({failure.detail}) and no other worker could take the request",
+        failure.retry_after_ms,
+    )

@@ -176,3 +176,19 @@ async def test_a_failed_over_reply_is_recorded_once_and_whole_in_the_session() -
             (common_pb2.ROLE_USER, TEXT),
             (common_pb2.ROLE_ASSISTANT, EXPECTED),
         ]
+
+
+async def test_a_full_worker_passes_the_request_on_and_when_all_are_full_the_caller_gets_pushback() -> None:
+    async with pair() as (workers, servers, stub):
+        workers[0].fail_with = grpc.StatusCode.RESOURCE_EXHAUSTED
+        responses = await read_all(stub.Generate(chat_request(TEXT), timeout=10))
+        assert text_of(responses) == EXPECTED and responses[0].worker == servers[1].address
+        workers[1].fail_with = grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await read_all(stub.Generate(chat_request(TEXT), timeout=10))
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "no other worker could take the request" in (err.value.details() or "")
+        assert int(dict(err.value.trailing_metadata() or ())["grpc-retry-pushback-ms"]) >= 100
+        # Being full is not an error that ejects a worker.
+        workers[0].fail_with = workers[1].fail_with = None
+        assert text_of(await read_all(stub.Generate(chat_request(TEXT), timeout=10))) == EXPECTED
