@@ -288,22 +288,49 @@ async def test_stream_load_reports_at_the_interval(worker: RunningWorker) -> Non
     assert reports[0].at.ToNanoseconds() < last.at.ToNanoseconds()
 
 
-async def test_stream_load_shows_running_and_waiting(worker: RunningWorker) -> None:
+async def test_stream_load_shows_a_running_batch_and_its_kv_blocks(worker: RunningWorker) -> None:
     long_request = request(max_tokens=60, sampling=SAMPLING(ignore_eos=True))
     calls = [worker.stub.Generate(long_request) for _ in range(2)]
     consumers = [asyncio.create_task(_drain_call(c)) for c in calls]
     seen = None
     load = worker.stub.StreamLoad(worker_pb2.StreamLoadRequest(interval_ms=20), timeout=20)
     async for report in load:
-        if report.running == 1 and report.waiting == 1:
+        if report.running == 2:
             seen = report
             break
     load.cancel()
     for c in calls:
         c.cancel()
     await asyncio.gather(*consumers, return_exceptions=True)
-    assert seen is not None
-    assert seen.waiting_tokens > 60 and seen.running_tokens > 0
+    assert seen is not None, "the two requests never ran in one batch"
+    assert seen.running_tokens > 60
+    assert 0 < seen.kv_blocks_free < seen.kv_blocks_total
+
+
+async def test_two_hundred_cancelled_streams_leave_no_kv_block_in_use(worker: RunningWorker) -> None:
+    engine = worker.service.engine
+    calls = [
+        worker.stub.Generate(
+            request(prompt=f"Count to {i}.", max_tokens=200, sampling=SAMPLING(ignore_eos=True))
+        )
+        for i in range(200)
+    ]
+    consumers = [asyncio.create_task(_drain_call(c)) for c in calls]
+    for _ in range(200):
+        if engine.load().running > 0:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.scheduler.blocks.num_used_blocks > 0
+    for c in calls:
+        c.cancel()
+    await asyncio.gather(*consumers, return_exceptions=True)
+    for _ in range(100):
+        if engine.scheduler.blocks.num_used_blocks == 0:
+            break
+        await asyncio.sleep(0.05)
+    load = engine.load()
+    assert (load.running, load.waiting, engine.scheduler.blocks.num_used_blocks) == (0, 0, 0)
+    assert load.kv_blocks_free == load.kv_blocks_total
 
 
 async def _drain_call(call: Any) -> None:
