@@ -15,12 +15,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
-from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.common.errors import ResourceExhausted
 from services.common.telemetry import span
 from services.router.metrics import QUEUE_WAIT, SHED, priority_label
 from services.router.queues import Priority, QueuedRequest, RequestQueue
 
 logger = logging.getLogger(__name__)
+
+# A queued request gives up this long before its deadline at least, so its refusal (with a
+# pushback) reaches the caller before the caller's own deadline does.
+_REPLY_MARGIN_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,16 @@ class Admission:
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[key] = waiter
         max_wait_s = self.queue.config.limits[request.priority].max_wait_s
+        # Leave the queue while the answer can still reach the caller before its deadline, and
+        # once too little time is left to generate the reply (at best the measured speed).
+        give_up_s = (
+            None
+            if timeout_s is None
+            else timeout_s - max(_REPLY_MARGIN_S, self.queue.seconds_for(request.tokens))
+        )
         try:
             await asyncio.wait(
-                {waiter}, timeout=max_wait_s if timeout_s is None else min(timeout_s, max_wait_s)
+                {waiter}, timeout=max_wait_s if give_up_s is None else max(0.0, min(give_up_s, max_wait_s))
             )
         except asyncio.CancelledError:
             self._give_up(key, waiter)
@@ -96,8 +107,13 @@ class Admission:
             self._waiters.pop(key, None)
         if not waiter.done():
             self._give_up(key, waiter)
-            if timeout_s is not None and timeout_s <= max_wait_s:
-                raise DeadlineExceeded(f"deadline: passed after {timeout_s:.2f}s in the admission queue")
+            if give_up_s is not None and give_up_s <= max_wait_s:
+                waited = max(0.0, give_up_s)
+                raise ResourceExhausted(
+                    f"deadline: too close to be met after {waited:.2f}s in the admission queue "
+                    f"({timeout_s:.2f}s were left when it arrived)",
+                    self.queue.config.min_retry_after_ms,
+                )
             raise self._too_long(request.priority.name, max_wait_s)
         waiter.result()  # raises the queue's refusal for requests that waited too long
 

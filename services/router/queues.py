@@ -110,6 +110,10 @@ class RequestQueue(ABC):
     def depth(self, priority: Priority) -> int:
         return sum(1 for r in self._items if r.priority is priority)
 
+    def seconds_for(self, tokens: int) -> float:
+        """Seconds `tokens` take at the measured speed of the endpoints behind the queue."""
+        return self._seconds_for(tokens)
+
     def _seconds_for(self, tokens: int) -> float:
         return tokens / max(self.service_tokens_per_s, 1e-9)
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.common.errors import DeadlineExceeded, ResourceExhausted
+from services.common.errors import ResourceExhausted
 from services.router.admission import Admission, Capacity
 from services.router.queues import ClassLimits, Priority, QueueConfig, QueuedRequest, create_request_queue
 
@@ -80,12 +80,17 @@ async def test_waiting_requests_get_slots_in_queue_order() -> None:
     assert admission.inflight == 0
 
 
-async def test_deadline_in_the_queue_is_deadline_exceeded_and_leaves_no_trace() -> None:
-    admission = make_admission(slots=1)
+async def test_a_deadline_too_close_in_the_queue_is_refused_before_it_and_leaves_no_trace() -> None:
+    admission = make_admission(slots=1, tokens_per_s=100.0)  # request b's 10 tokens take 0.1 s
     async with admission.slot(make_request("a"), None):
-        with pytest.raises(DeadlineExceeded, match="in the admission queue"):
-            async with admission.slot(make_request("b"), 0.01):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ResourceExhausted, match="too close to be met") as err:
+            async with admission.slot(make_request("b"), 0.3):
                 pass
+        # Given up with time to spare: 0.3 s left minus the 0.1 s its reply needs at best.
+        assert loop.time() - started < 0.29
+        assert err.value.retry_after_ms > 0
         assert len(admission.queue) == 0 and admission.inflight == 1
     assert admission.inflight == 0
 
