@@ -9,7 +9,9 @@ with batching disabled (max_batch_tokens=1: every encode call takes one input).
 Rounds alternate between the contenders so machine noise hits all of them; read the
 ratio columns (each the median of the ratios within a round), not the absolute figures,
 and the load average printed with them. Latencies are per call, over all rounds; the
-batch-size histogram is what the service logs when it stops. `--set dtype=bfloat16`
+batch-size histogram is what the service logs when it stops. CPU ms/sent is the CPU
+time spent per sentence (for the services: the service process plus this one, the
+gRPC clients), a figure that moves less with the machine's load than sentences/s. `--set dtype=bfloat16`
 runs both services in bfloat16 (the baseline stays float32, as sentence-transformers
 encodes by default).
 """
@@ -61,6 +63,8 @@ class Service:
         self.name = name
         self.env = env
         self.latencies: list[float] = []
+        # CPU milliseconds per sentence, per round.
+        self.cpu_ms: list[float] = []
 
     async def start(self) -> None:
         with socket.socket() as s:
@@ -82,9 +86,13 @@ class Service:
         assert len(response.embeddings) == 1
 
     async def run(self, texts: list[str]) -> float:
+        cpu = process_cpu_s(self.proc.pid) + time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(self._call(t) for t in texts))
-        return len(texts) / (time.perf_counter() - started)
+        rate = len(texts) / (time.perf_counter() - started)
+        # The service's CPU and this process's (the gRPC clients) together.
+        self.cpu_ms.append((process_cpu_s(self.proc.pid) + time.process_time() - cpu) * 1000 / len(texts))
+        return rate
 
     async def stop(self) -> dict[int, int]:
         """Stop the service; return its batch-size histogram (from its last log lines)."""
@@ -101,6 +109,12 @@ class Service:
                 histogram = {int(k): v for k, v in record["batch_sizes"].items()}
         await self.proc.wait()
         return histogram
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -133,9 +147,12 @@ async def run(callers: int, rounds: int, settings: dict[str, str]) -> None:
     await unbatched.start()
     rates: dict[str, list[float]] = {BASELINE: [], batched.name: [], unbatched.name: []}
 
+    baseline_cpu_ms: list[float] = []
+
     async def encode_in_process(texts: list[str]) -> float:
-        started = time.perf_counter()
+        cpu, started = time.process_time(), time.perf_counter()
         st.encode(texts, batch_size=BASELINE_BATCH)
+        baseline_cpu_ms.append((time.process_time() - cpu) * 1000 / len(texts))
         return len(texts) / (time.perf_counter() - started)
 
     contenders = {BASELINE: encode_in_process, batched.name: batched.run, unbatched.name: unbatched.run}
@@ -144,8 +161,10 @@ async def run(callers: int, rounds: int, settings: dict[str, str]) -> None:
         # Warm-up round, not counted: first calls pay for lazy initialisation everywhere.
         for name, run_round in contenders.items():
             await run_round(sentences(callers, -1, name))
+        baseline_cpu_ms.clear()
         for service in (batched, unbatched):
             service.latencies.clear()
+            service.cpu_ms.clear()
         names = list(contenders)
         for r in range(rounds):
             # Each round starts with another contender: none always follows the same one.
@@ -167,20 +186,22 @@ async def run(callers: int, rounds: int, settings: dict[str, str]) -> None:
         print("service settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
     header = (
         f"| {'contender':<48} | {'sent/s':>8} | {'vs ST':>6} | {'vs unbatched':>12} "
-        f"| {'p50 ms':>7} | {'p99 ms':>7} | batch sizes (size:batches)"
+        f"| {'CPU ms/sent':>11} | {'p50 ms':>7} | {'p99 ms':>7} | batch sizes (size:batches)"
     )
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|" + "-" * 28)
     print(
         f"| {BASELINE:<48} | {statistics.median(rates[BASELINE]):>8.1f} | {1.0:>5.2f}x "
-        f"| {ratio(BASELINE, unbatched.name):>11.2f}x | {'-':>7} | {'-':>7} | 64 (fixed)"
+        f"| {ratio(BASELINE, unbatched.name):>11.2f}x | {statistics.median(baseline_cpu_ms):>11.2f} "
+        f"| {'-':>7} | {'-':>7} | 64 (fixed)"
     )
     for service in (batched, unbatched):
         p50, p99 = (percentile(service.latencies, q) * 1000 for q in (0.5, 0.99))
         print(
             f"| {service.name:<48} | {statistics.median(rates[service.name]):>8.1f} "
             f"| {ratio(service.name, BASELINE):>5.2f}x | {ratio(service.name, unbatched.name):>11.2f}x "
-            f"| {p50:>7.1f} | {p99:>7.1f} | {histogram_text(histograms[service.name])}"
+            f"| {statistics.median(service.cpu_ms):>11.2f} | {p50:>7.1f} | {p99:>7.1f} "
+            f"| {histogram_text(histograms[service.name])}"
         )
 
 
