@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from services.session import db, pg_append
 from services.session.crypto import DecryptError, KeyRing, message_aad
 from services.session.model import (
@@ -31,6 +31,12 @@ from services.session.window import select_window
 
 # Newest-first batch size when collecting a window.
 WINDOW_BATCH = 256
+# Appends arriving together share one statement (and one commit): at most APPEND_SLOTS such
+# statements run at once, so that under load the others gather into the next one (measured on
+# 2 cores with 32 clients: 2 slots cost a quarter less CPU per append than one statement
+# each), of at most APPEND_BATCH appends. Reads keep the rest of the pool.
+APPEND_SLOTS = 2
+APPEND_BATCH = 32
 
 
 def _now() -> dt.datetime:
@@ -112,6 +118,12 @@ class SqlStore:
         # One statement per append on Postgres needs no transaction around it.
         self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.last_seqs = pg_append.LastSeqs()
+        self._appends: pg_append.Batcher[pg_append.Append, pg_append.Outcome | Exception] = pg_append.Batcher(
+            self._run_appends,
+            key=lambda a: (a.tenant, a.session_id),
+            slots=APPEND_SLOTS,
+            max_batch=APPEND_BATCH,
+        )
 
     @classmethod
     def from_url(
@@ -264,10 +276,9 @@ class SqlStore:
                 )
             )
             written.append(Message(seq, Role(m.role), m.content, m.client_msg_id, m.token_count, now))
-        params = pg_append.parameters(tenant, session_id, predicted, rows, now)
-        with db.db_errors():
-            async with self._autocommit.connect() as conn:
-                found = pg_append.outcome((await conn.exec_driver_sql(pg_append.APPEND_SQL, params)).all())
+        found = await self._appends.submit(pg_append.Append(tenant, session_id, predicted, rows, now))
+        if isinstance(found, Exception):
+            raise found
         if not found.found:
             raise NotFound(f"session {session_id!r} not found")
         if found.inserted:
@@ -287,6 +298,31 @@ class SqlStore:
             # last_seq moved past what the client saw (it only grows).
             raise _moved(expected_last_seq, found.last_seq if found.last_seq != expected_last_seq else None)
         return None
+
+    async def _run_appends(self, appends: list[pg_append.Append]) -> list[pg_append.Outcome | Exception]:
+        """One statement for `appends`. If it fails for another reason than the database being
+        unavailable (one append's bad data), each runs alone so that only that one fails."""
+        try:
+            return list(await self._append_statement(appends))
+        except Unavailable:
+            raise
+        except Exception as exc:
+            if len(appends) == 1:
+                return [exc]
+        alone: list[pg_append.Outcome | Exception] = []
+        for append in appends:
+            try:
+                alone.extend(await self._append_statement([append]))
+            except Exception as exc:
+                alone.append(exc)
+        return alone
+
+    async def _append_statement(self, appends: list[pg_append.Append]) -> list[pg_append.Outcome]:
+        params = pg_append.parameters(appends)
+        with db.db_errors():
+            async with self._autocommit.connect() as conn:
+                rows = (await conn.exec_driver_sql(pg_append.APPEND_SQL, params)).all()
+        return pg_append.outcomes(rows, len(appends))
 
     async def _append_locked(
         self,
