@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
-from services.worker.core.scheduler import Scheduler
+from services.worker.core.scheduler import AdmissionError, Scheduler
 from services.worker.meter import SpeedMeter
 from services.worker.sequence import Delta, Finish, GenSequence
 from services.worker.step import StepExecutor, StepResult, run_step, state_for
@@ -227,7 +227,12 @@ class Engine:
             if handle.cancelled:
                 self._cancelled(handle.seq)
                 continue
-            self._scheduler.add(state_for(handle.key, handle.seq))
+            try:
+                self._scheduler.add(state_for(handle.key, handle.seq))
+            except (AdmissionError, ValueError) as exc:
+                # `submit` checks what it can; whatever still does not fit fails this request only.
+                handle.put(InvalidArgument("prompt", str(exc)))
+                continue
             self._handles[handle.key] = handle
             self._seqs[handle.key] = handle.seq
 

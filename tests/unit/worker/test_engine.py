@@ -229,3 +229,11 @@ async def test_stop_fails_unfinished_requests() -> None:
     with pytest.raises(Unavailable):
         async for _ in handle.deltas():
             pass
+
+
+async def test_a_request_the_scheduler_refuses_fails_alone_and_the_engine_goes_on(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(ScriptedExecutor())
+    with pytest.raises(InvalidArgument, match="at least one token"):
+        await collect(engine, make_seq("empty", prompt=()))
+    assert engine.alive
+    assert (await collect(engine, make_seq("next", max_new=1)))[-1].finish is Finish.LENGTH
