@@ -44,6 +44,7 @@ class GrpcServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         on_drain: Callable[[], Awaitable[None]] | None = None,
         on_stop: Callable[[], Awaitable[None]] | None = None,
+        drained_grace_s: float | None = None,
         metrics_port: int = 0,
         collectors: Iterable[Collector] = (),
         credentials: grpc.ServerCredentials | None = None,
@@ -76,6 +77,9 @@ class GrpcServer:
         self.address = f"{host}:{self.port}"
         self._on_drain = on_drain
         self._on_stop = on_stop
+        # Once `on_drain` has seen the service's own work finish, what is left open is long-lived
+        # streams (health Watch, load reports) that would hold the stop for the whole grace.
+        self._drained_grace_s = drained_grace_s
         self._stopped = asyncio.Event()
         # The process's series plus this server's own (its load report); port 0 = off.
         self.metrics = MetricsEndpoint(host, metrics_port, collectors)
@@ -102,12 +106,15 @@ class GrpcServer:
             return
         self._stopped.set()
         await self.set_serving(False)
+        final_grace = grace
         if self._on_drain is not None:
             try:
                 await asyncio.wait_for(self._on_drain(), timeout=grace)
+                if self._drained_grace_s is not None:
+                    final_grace = min(grace, self._drained_grace_s)
             except TimeoutError:
                 logger.warning("drain did not finish within %.1fs", grace)
-        await self.server.stop(grace)
+        await self.server.stop(final_grace)
         await asyncio.to_thread(self.metrics.stop)
         if self._on_stop is not None:
             await self._on_stop()

@@ -43,6 +43,8 @@ def build_server(config: WorkerConfig, service: WorkerService) -> GrpcServer:
         register=lambda s: worker_pb2_grpc.add_WorkerServicer_to_server(servicer, s),
         on_drain=service.drain_and_wait,
         on_stop=service.stop,
+        # Drained means every sequence has ended: a second is enough for their last messages.
+        drained_grace_s=1.0,
         metrics_port=config.metrics_port,
         credentials=server_credentials(TlsConfig.of(config)),
         # The numbers StreamLoad sends the routers, read where it reads them.
