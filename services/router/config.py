@@ -94,6 +94,11 @@ class RouterConfig:
         "completion is more than this many times the best one.",
         min=1.0,
     )
+    session_affinity: bool = setting(
+        True,
+        "Send a session's turns to the endpoint that served it (its prefix cache holds the "
+        "conversation so far); off: every turn is placed like a request without a session.",
+    )
     eject_after_errors: int = setting(
         3, "Consecutive failed requests that take an endpoint out of placement.", min=1
     )

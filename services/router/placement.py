@@ -100,12 +100,18 @@ class PredictedCompletion:
     """Earliest predicted completion wins; a session's previous endpoint unless too slow."""
 
     def __init__(
-        self, priors: Priors | None = None, affinity_factor: float = 1.5, max_sessions: int = 100_000
+        self,
+        priors: Priors | None = None,
+        affinity_factor: float = 1.5,
+        max_sessions: int = 100_000,
+        *,
+        session_affinity: bool = True,
     ) -> None:
         if affinity_factor < 1.0:
             raise ValueError(f"affinity_factor={affinity_factor}: must be >= 1")
         self.priors = priors or Priors()
         self.affinity_factor = affinity_factor
+        self.session_affinity = session_affinity
         self.max_sessions = max_sessions
         self._sessions: OrderedDict[str, str] = OrderedDict()
         self._turn = 0
@@ -127,7 +133,7 @@ class PredictedCompletion:
     def _affine(
         self, scored: list[tuple[float, Candidate]], session_id: str | None, best_s: float
     ) -> Candidate | None:
-        if session_id is None:
+        if session_id is None or not self.session_affinity:
             return None
         previous = self._sessions.get(session_id)
         for seconds, candidate in scored:
@@ -136,7 +142,7 @@ class PredictedCompletion:
         return None
 
     def _remember(self, session_id: str | None, address: str) -> None:
-        if session_id is None:
+        if session_id is None or not self.session_affinity:
             return
         self._sessions[session_id] = address
         self._sessions.move_to_end(session_id)
@@ -172,10 +178,14 @@ POLICIES = ("predicted_time", "least_loaded")
 
 
 def create_placement_policy(
-    name: str = "predicted_time", priors: Priors | None = None, affinity_factor: float = 1.5
+    name: str = "predicted_time",
+    priors: Priors | None = None,
+    affinity_factor: float = 1.5,
+    *,
+    session_affinity: bool = True,
 ) -> PlacementPolicy:
     if name == "predicted_time":
-        return PredictedCompletion(priors, affinity_factor)
+        return PredictedCompletion(priors, affinity_factor, session_affinity=session_affinity)
     if name == "least_loaded":
         return LeastLoaded()
     raise ValueError(f"unknown placement policy {name!r} (known: {', '.join(POLICIES)})")

@@ -57,6 +57,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
                 config.prior_decode_tokens_per_s, config.prior_prefill_tokens_per_s, config.default_max_tokens
             ),
             config.affinity_factor,
+            session_affinity=config.session_affinity,
         ),
         eject_after_errors=config.eject_after_errors,
         eject_s=config.eject_s,

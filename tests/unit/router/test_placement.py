@@ -126,6 +126,15 @@ def test_session_moves_when_its_endpoint_is_overloaded_or_gone() -> None:
     assert policy.choose([a], Ask(max_tokens=10, session_id="s")).address == "a"  # "b" gone
 
 
+def test_without_session_affinity_a_session_is_placed_like_any_request() -> None:
+    policy = PredictedCompletion(PRIORS, affinity_factor=2.0, session_affinity=False)
+    a, b = endpoint("a", backlog_tokens=100), endpoint("b", backlog_tokens=100)
+    assert policy.choose([a, b], Ask(max_tokens=10, session_id="s")).address == "a"
+    a = replace(a, backlog_tokens=200)  # within the factor, but affinity is off: best wins
+    assert policy.choose([a, b], Ask(max_tokens=10, session_id="s")).address == "b"
+    assert policy.session_endpoint("s") is None
+
+
 def test_session_memory_is_bounded_oldest_first() -> None:
     policy = PredictedCompletion(PRIORS, max_sessions=2)
     for session in ("s1", "s2", "s3"):
