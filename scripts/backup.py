@@ -76,7 +76,8 @@ def libpq(url: URL) -> tuple[str, dict[str, str]]:
     # asyncpg's `ssl=` is libpq's `sslmode=`.
     if "ssl" in query:
         query["sslmode"] = str(query.pop("ssl"))
-    plain = url.set(drivername="postgresql", password=None, query=query)
+    # URL.set(password=None) would keep the password: build the URL without one.
+    plain = URL.create("postgresql", url.username, None, url.host, url.port, url.database, query)
     env = {**os.environ, "PGCONNECT_TIMEOUT": str(CONNECT_TIMEOUT_S)}
     if url.password is not None:
         env["PGPASSWORD"] = str(url.password)
