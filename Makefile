@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # Where `make backup` writes the session database backups.
 BACKUP_DIR ?= backups
 
-.PHONY: help install proto up down status test test-fast lint bench chaos backup restore clean tools certs
+.PHONY: help install proto up down status test test-fast lint bench chaos backup restore migrate clean tools certs
 
 help:
 	@echo "make up        start router, session (SQLite), worker and embedder locally"
@@ -15,6 +15,7 @@ help:
 	@echo "make test      install, generate protos, run every test"
 	@echo "make test-fast unit tests only"
 	@echo "make chaos     failover drills (kill, stop, slow real processes); prints one table"
+	@echo "make migrate   migrate the session database (Postgres is not migrated at start by default)"
 	@echo "make backup    back up the session database to BACKUP_DIR (default backups/)"
 	@echo "make restore   BACKUP=<file> [RESTORE_ARGS=--clean]: load a backup into the session database"
 	@echo "make lint      ruff + mypy"
@@ -53,6 +54,10 @@ test: proto
 
 test-fast: proto
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The session database schema (INFERMESH_SESSION_DATABASE_URL, else the SQLite file under .run/).
+migrate: proto
+	$(PY) -m services.session migrate
 
 # Failover drills against real processes and throwaway databases; one table at the end.
 chaos: proto

@@ -27,7 +27,12 @@ class SessionConfig:
         "Empty means a SQLite file under state_dir.",
     )
     state_dir: str = setting(".run", "Folder for the embedded SQLite database (created if missing).")
-    auto_migrate: bool = setting(True, "Run the database migrations at start.")
+    auto_migrate: bool = setting(
+        False,
+        "Migrate a Postgres schema at start (replicas take turns). Off: run `make migrate` or "
+        "`python -m services.session migrate` before rolling out. SQLite is always migrated at "
+        "start: the process owns the file.",
+    )
     max_message_chars: int = setting(100_000, "Longest message content accepted.", min=1, max=10_000_000)
     max_messages_per_append: int = setting(
         256, "Most messages in one AppendMessages call.", min=1, max=10_000

@@ -53,6 +53,13 @@ async def current(database_url: str, *, timeout_s: float = 10.0) -> str | None:
         await engine.dispose()
 
 
+def head() -> str | None:
+    """The newest revision of the migrations shipped with this code."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 async def _run(database_url: str, timeout_s: float, action: Any, revision: str) -> None:
     engine = db.create_engine(database_url, pool_size=1, timeout_s=timeout_s, statement_timeout=False)
     try:

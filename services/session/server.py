@@ -34,11 +34,20 @@ class DatabaseProbe:
     """Migrates once (when asked), then pings the database; its verdict drives health."""
 
     def __init__(
-        self, store: Store, database_url: str, *, auto_migrate: bool, interval_s: float, timeout_s: float
+        self,
+        store: Store,
+        database_url: str,
+        *,
+        auto_migrate: bool,
+        interval_s: float,
+        timeout_s: float,
+        check_schema: bool = False,
     ) -> None:
         self._store = store
         self._url = database_url
         self._migrate = auto_migrate
+        # Without auto_migrate: wait for the schema to be at this code's head before SERVING.
+        self._check_schema = check_schema
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         # True once the schema is known to be in place: requests may go through.
@@ -50,6 +59,14 @@ class DatabaseProbe:
             if self._migrate and not self.ready:
                 await migrate.upgrade(self._url, timeout_s=self._timeout_s)
                 logger.info("database schema up to date")
+            elif self._check_schema and not self.ready:
+                at = await migrate.current(self._url, timeout_s=self._timeout_s)
+                if at != migrate.head():
+                    # Not SERVING on a schema this code does not know: requests would fail.
+                    raise RuntimeError(
+                        f"database schema at {at or 'nothing'}, this service needs {migrate.head()}: "
+                        "run `python -m services.session migrate` (or set auto_migrate)"
+                    )
             async with asyncio.timeout(2 * self._timeout_s):
                 await self._store.ping()
         except Exception as exc:
@@ -136,7 +153,8 @@ async def create_server(config: SessionConfig) -> SessionServer:
     probe = DatabaseProbe(
         store,
         url,
-        auto_migrate=config.auto_migrate,
+        auto_migrate=config.auto_migrate or url.startswith("sqlite"),
+        check_schema=True,
         interval_s=config.health_interval_s,
         timeout_s=config.db_timeout_s,
     )

@@ -31,6 +31,7 @@ def session_env(database_url: str, state_dir: Path, **settings: str) -> dict[str
         "INFERMESH_SESSION_STATE_DIR": str(state_dir),
         "INFERMESH_SESSION_ENCRYPTION_KEYS": KeyRing.new_entry("chaos"),
         "INFERMESH_SESSION_LOG_LEVEL": "warning",
+        "INFERMESH_SESSION_AUTO_MIGRATE": "true",
     }
     env.update({f"INFERMESH_SESSION_{k.upper()}": v for k, v in settings.items()})
     return env

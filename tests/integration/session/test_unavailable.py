@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 
 from infermesh.session.v1 import session_pb2, session_pb2_grpc
 from services.common.errors import Unavailable
+from services.session import migrate
 from services.session.model import NewMessage, NewSession, Role
 from services.session.server import create_server
 from services.session.sql_store import SqlStore
@@ -249,7 +250,7 @@ async def test_a_restarted_postgres_keeps_what_was_acknowledged_and_the_service_
     postgres = ThrowawayPostgres()
     await postgres.start()
     url = make_url(postgres.url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
-    srv = await create_server(session_config(url, db_timeout_s=2.0, health_interval_s=0.2))
+    srv = await create_server(session_config(url, db_timeout_s=2.0, health_interval_s=0.2, auto_migrate=True))
     await srv.start()
     try:
         async with grpc.aio.insecure_channel(srv.address) as channel:
@@ -285,3 +286,37 @@ async def test_a_restarted_postgres_keeps_what_was_acknowledged_and_the_service_
     finally:
         await srv.stop(0)
         postgres.remove()
+
+
+async def test_sqlite_is_migrated_at_start(tmp_path):
+    srv = await create_server(session_config(f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"))
+    await srv.start()
+    try:
+        assert await health_status(srv.address) == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            await create(session_pb2_grpc.SessionStoreStub(channel))
+    finally:
+        await srv.stop(0)
+
+
+@pytest.mark.postgres
+async def test_postgres_is_migrated_at_start_only_when_asked_and_else_waits_for_its_schema(
+    empty_postgres_url,
+):
+    """Without auto_migrate the service stays NOT_SERVING (calls UNAVAILABLE) until someone
+    migrates the schema, then serves by itself."""
+    url = empty_postgres_url
+    srv = await create_server(session_config(url, health_interval_s=0.1))
+    await srv.start()
+    try:
+        async with grpc.aio.insecure_channel(srv.address) as channel:
+            stub = session_pb2_grpc.SessionStoreStub(channel)
+            assert await health_status(srv.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert (await status_of(create(stub))).code() == grpc.StatusCode.UNAVAILABLE
+            assert await migrate.current(url) is None
+
+            await migrate.upgrade(url)
+            await wait_for_health(srv.address, health_pb2.HealthCheckResponse.SERVING)
+            await create(stub)
+    finally:
+        await srv.stop(0)

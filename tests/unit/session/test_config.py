@@ -11,7 +11,7 @@ from services.session.config import SessionConfig
 def test_defaults():
     config = load_config(SessionConfig, "session", env={})
     assert (config.host, config.port) == ("127.0.0.1", 50052)
-    assert config.database_url == "" and config.state_dir == ".run" and config.auto_migrate is True
+    assert config.database_url == "" and config.state_dir == ".run" and config.auto_migrate is False
     assert config.default_page_size <= config.max_page_size
 
 
