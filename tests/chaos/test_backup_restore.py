@@ -30,7 +30,7 @@ from tests.chaos.harness import ROOT, DrillResult, ThrowawayPostgres, recording,
 from tests.chaos.session_load import AppendLoad, all_history, session_env, session_service
 
 WRITERS = 8
-TOTAL = 1200
+TOTAL = 1600
 SESSIONS = 4
 # The backup starts once this many appends were made, so that writes go on during and after it.
 BACKUP_AT = TOTAL // 4
