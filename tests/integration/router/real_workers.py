@@ -1,0 +1,151 @@
+"""Real workers (the packaged model) served in this process, and multi-turn conversations run
+through a router in front of them, counting the workers' prefix-cache hits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from infermesh.common.v1 import common_pb2
+from infermesh.router.v1 import router_pb2, router_pb2_grpc
+from services.common.server import GrpcServer
+from services.worker.config import WorkerConfig
+from services.worker.server import build_server
+from services.worker.service import WorkerService
+from tests.integration.router.fakes import FakeSessionStore, start_fake
+from tests.integration.router.helpers import chat_request, start_router, wait_healthy
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Small enough to share the CPU: short context, a small KV cache, one torch thread.
+WORKER_SETTINGS: dict[str, Any] = {"max_context": 1024, "kv_cache_mb": 128, "threads": 1}
+
+TOPICS = (
+    "sailing", "bread", "owls", "trains", "gardens", "violins", "deserts", "bridges",
+    "comets", "glaciers", "markets", "lighthouses",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class RealWorker:
+    service: WorkerService
+    server: GrpcServer
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def prefix_counters(self) -> tuple[int, int]:
+        """Prompt tokens found in the prefix cache, and prompt tokens looked up, so far."""
+        blocks = self.service.engine.scheduler.blocks
+        return blocks.prefix_hits, blocks.prefix_queries
+
+
+@contextlib.asynccontextmanager
+async def real_workers(count: int, **settings: Any) -> AsyncIterator[list[RealWorker]]:
+    """`count` workers, each with its own copy of the model, on free ports."""
+    started: list[RealWorker] = []
+    try:
+        for i in range(count):
+            config = WorkerConfig(port=0, endpoint_id=f"real-{i}", **{**WORKER_SETTINGS, **settings})
+            service = await WorkerService.load(config)
+            server = build_server(config, service)
+            await server.start()
+            started.append(RealWorker(service, server))
+        yield started
+    finally:
+        for worker in started:
+            await worker.server.stop(1.0)
+
+
+@dataclasses.dataclass
+class AffinityRun:
+    """What one set of conversations did to the workers' prefix caches."""
+
+    session_affinity: bool
+    turns: int  # Generate calls made
+    hit_tokens: int  # prompt tokens the workers found cached
+    prompt_tokens: int  # prompt tokens the workers looked up
+    moved: int  # turns after the first that ran on another worker than the turn before
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+def _user_text(topic: str, turn: int) -> str:
+    return (
+        f"Question {turn + 1} of our talk about {topic}: tell me one more short fact about {topic}, "
+        f"different from the ones before, and say how it relates to what you said earlier."
+    )
+
+
+async def _turn(stub: router_pb2_grpc.InferenceStub, session_id: str, text: str, max_tokens: int) -> str:
+    """One turn of a session; the worker that served it."""
+    request = chat_request(
+        text,
+        session_id=session_id,
+        max_tokens=max_tokens,
+        sampling=common_pb2.SamplingParams(temperature=0.0, ignore_eos=True),
+    )
+    worker = ""
+    async for resp in stub.Generate(request, timeout=120):
+        worker = worker or resp.worker
+    return worker
+
+
+async def _conversation(
+    stub: router_pb2_grpc.InferenceStub, topic: str, turns: int, max_tokens: int
+) -> list[str]:
+    """One session's turns in order; the worker that served each."""
+    session = await stub.CreateSession(router_pb2.CreateSessionRequest(user_id="bench"), timeout=10)
+    return [await _turn(stub, session.session_id, _user_text(topic, t), max_tokens) for t in range(turns)]
+
+
+async def run_conversations(
+    workers: list[RealWorker],
+    *,
+    session_affinity: bool,
+    sessions: int,
+    turns: int,
+    max_tokens: int,
+    topic_offset: int = 0,
+    **router_settings: Any,
+) -> AffinityRun:
+    """`sessions` conversations at once, each its turns one after another, through a fresh
+    router in front of `workers`. Concurrent sessions spread over the workers by predicted
+    completion; with affinity a session's later turns stay where its earlier ones ran unless
+    that worker is too far behind (affinity_factor). Prefix-cache counters are taken before
+    and after: earlier runs on the same workers only count through what they left cached."""
+    store = FakeSessionStore()
+    store_server = await start_fake(store)
+    router = await start_router(
+        worker_addresses=[w.address for w in workers],
+        session_address=store_server.address,
+        session_affinity=session_affinity,
+        **router_settings,
+    )
+    try:
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.InferenceStub(channel)
+            await wait_healthy(stub, {w.address for w in workers})
+            before = [w.prefix_counters() for w in workers]
+            topics = [
+                f"{TOPICS[(topic_offset + i) % len(TOPICS)]} #{topic_offset + i}" for i in range(sessions)
+            ]
+            served = await asyncio.gather(*(_conversation(stub, t, turns, max_tokens) for t in topics))
+            after = [w.prefix_counters() for w in workers]
+    finally:
+        await router.stop(0)
+        await store_server.stop(0)
+    hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    queried = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    moved = sum(1 for places in served for prev, cur in itertools.pairwise(places) if prev != cur)
+    return AffinityRun(session_affinity, sessions * turns, hits, queried, moved)
