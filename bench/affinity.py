@@ -25,7 +25,7 @@ from tests.integration.router.real_workers import AffinityRun, real_workers, run
 
 async def main(args: argparse.Namespace) -> None:
     runs: list[AffinityRun] = []
-    async with real_workers(2) as workers:
+    async with real_workers({}, {}) as workers:
         offset = 0
         for _ in range(args.rounds):
             for affinity in (True, False):

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from services.common.server import GrpcServer
 from services.worker.config import WorkerConfig
+from services.worker.request import GenerateRequest, SamplingParams
 from services.worker.server import build_server
 from services.worker.service import WorkerService
 from tests.integration.router.fakes import FakeSessionStore, start_fake
@@ -47,14 +49,33 @@ class RealWorker:
         blocks = self.service.engine.scheduler.blocks
         return blocks.prefix_hits, blocks.prefix_queries
 
+    async def tokens_per_s(self, streams: int, max_tokens: int) -> float:
+        """Generated tokens/s with `streams` equal requests at once, straight to the engine."""
+        requests = [
+            GenerateRequest(
+                request_id=f"speed-{i}",
+                prompt_token_ids=tuple(range(100, 120)),
+                max_tokens=max_tokens,
+                sampling=SamplingParams(temperature=0.0, ignore_eos=True),
+            )
+            for i in range(streams)
+        ]
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(self._generated(r) for r in requests))
+        return sum(counts) / (time.perf_counter() - started)
+
+    async def _generated(self, request: GenerateRequest) -> int:
+        return sum([len(delta.token_ids) async for delta in self.service.generate(request)])
+
 
 @contextlib.asynccontextmanager
-async def real_workers(count: int, **settings: Any) -> AsyncIterator[list[RealWorker]]:
-    """`count` workers, each with its own copy of the model, on free ports."""
+async def real_workers(*settings: dict[str, Any]) -> AsyncIterator[list[RealWorker]]:
+    """One worker per `settings` (overrides of WORKER_SETTINGS), each with its own copy of the
+    model, on free ports."""
     started: list[RealWorker] = []
     try:
-        for i in range(count):
-            config = WorkerConfig(port=0, endpoint_id=f"real-{i}", **{**WORKER_SETTINGS, **settings})
+        for i, own in enumerate(settings):
+            config = WorkerConfig(port=0, endpoint_id=f"real-{i}", **{**WORKER_SETTINGS, **own})
             service = await WorkerService.load(config)
             server = build_server(config, service)
             await server.start()
@@ -95,10 +116,7 @@ async def _turn(stub: router_pb2_grpc.InferenceStub, session_id: str, text: str,
         max_tokens=max_tokens,
         sampling=common_pb2.SamplingParams(temperature=0.0, ignore_eos=True),
     )
-    worker = ""
-    async for resp in stub.Generate(request, timeout=120):
-        worker = worker or resp.worker
-    return worker
+    return await _served_by(stub, request)
 
 
 async def _conversation(
@@ -149,3 +167,55 @@ async def run_conversations(
     queried = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
     moved = sum(1 for places in served for prev, cur in itertools.pairwise(places) if prev != cur)
     return AffinityRun(session_affinity, sessions * turns, hits, queried, moved)
+
+
+@dataclasses.dataclass
+class SpeedSplit:
+    """How requests of one size split between workers, against their reported speeds."""
+
+    served: dict[str, int]  # requests each worker served
+    speeds: dict[str, float]  # decode tokens/s each reported, averaged over the waves
+
+    def share(self, address: str) -> float:
+        return self.served.get(address, 0) / max(1, sum(self.served.values()))
+
+    def ideal(self, address: str) -> float:
+        """Share in proportion to measured speed: what placement by predicted completion aims at."""
+        return self.speeds[address] / sum(self.speeds.values())
+
+
+async def split_by_speed(
+    stub: router_pb2_grpc.InferenceStub,
+    workers: list[RealWorker],
+    *,
+    waves: int,
+    per_wave: int,
+    max_tokens: int,
+) -> SpeedSplit:
+    """`waves` bursts of `per_wave` equal requests through the router at `stub`; the speeds the
+    router saw in the workers' load reports are read after each burst."""
+    served = dict.fromkeys((w.address for w in workers), 0)
+    samples: dict[str, list[float]] = {w.address: [] for w in workers}
+    for wave in range(waves):
+        requests = [
+            chat_request(
+                f"Wave {wave}, request {i}: name a colour.",
+                max_tokens=max_tokens,
+                sampling=common_pb2.SamplingParams(temperature=0.0, ignore_eos=True),
+            )
+            for i in range(per_wave)
+        ]
+        for worker in await asyncio.gather(*(_served_by(stub, r) for r in requests)):
+            served[worker] += 1
+        status = await stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5)
+        for endpoint in status.endpoints:
+            if endpoint.address in samples:
+                samples[endpoint.address].append(endpoint.load.decode_tokens_per_s)
+    return SpeedSplit(served, {a: sum(s) / len(s) for a, s in samples.items()})
+
+
+async def _served_by(stub: router_pb2_grpc.InferenceStub, request: router_pb2.GenerateRequest) -> str:
+    worker = ""
+    async for resp in stub.Generate(request, timeout=120):
+        worker = worker or resp.worker
+    return worker
