@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # Where `make backup` writes the session database backups.
 BACKUP_DIR ?= backups
 
-.PHONY: help install proto up down status test test-fast lint bench chaos backup restore migrate clean tools certs
+.PHONY: help install proto up down status test test-fast lint bench chaos soak backup restore migrate clean tools certs
 
 help:
 	@echo "make up        start router, session (SQLite), worker and embedder locally"
@@ -15,6 +15,7 @@ help:
 	@echo "make test      install, generate protos, run every test"
 	@echo "make test-fast unit tests only"
 	@echo "make chaos     failover drills (kill, stop, slow real processes); prints one table"
+	@echo "make soak      drill 3's memory check at 10,000 start-cancel cycles (several minutes)"
 	@echo "make migrate   migrate the session database (Postgres is not migrated at start by default)"
 	@echo "make backup    back up the session database to BACKUP_DIR (default backups/)"
 	@echo "make restore   BACKUP=<file> [RESTORE_ARGS=--clean]: load a backup into the session database"
@@ -62,6 +63,10 @@ migrate: proto
 # Failover drills against real processes and throwaway databases; one table at the end.
 chaos: proto
 	$(PY) -m pytest -m chaos tests/chaos $(PYTEST_ARGS)
+
+# Drill 3's memory check with the issue's cycle count; `make test` runs it with fewer.
+soak: proto
+	CHAOS_CANCEL_CYCLES=10000 $(PY) -m pytest tests/chaos/test_cancel_storm.py -k cycles --timeout=1800 $(PYTEST_ARGS)
 
 # The session database (INFERMESH_SESSION_DATABASE_URL, else the SQLite file under .run/):
 # pg_dump custom format, or SQLite's online backup; safe while the service runs.
