@@ -1,5 +1,6 @@
 """The Generate flow: validate, prepend session history, place on a worker, relay the
-stream as it comes, and record the turn when the stream finishes normally."""
+stream as it comes, and record the turn when the stream finishes normally (or, marked
+incomplete, with what was delivered when the caller cancels)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ class Generation:
         self.config = config
         self.endpoints = endpoints
         self.sessions = sessions
+        self._background: set[asyncio.Task[Degradation | None]] = set()
         self.limits = GenerateLimits(
             default_max_tokens=config.default_max_tokens,
             max_tokens_limit=config.max_tokens_limit,
@@ -236,41 +238,61 @@ class Generation:
         reply: list[str] = []
         token_ids: list[int] = []
         first = True
-        async for relayed in stream:
-            resp = relayed.resp
-            out = convert.generate_response_to_pb(resp, turn.request_id)
-            if first:
-                first = False
-                out.model = resp.model or model_id
-                out.session_id = turn.params.session_id or ""
-                out.degraded.extend(convert.degradation_to_pb(d) for d in turn.degraded)
-            if relayed.moved is not None or not reply:
-                out.worker = relayed.address
-            if relayed.moved is not None:
-                out.degraded.append(convert.degradation_to_pb(relayed.moved))
-            reply.append(resp.text)
-            token_ids.extend(resp.token_ids)
-            if convert.is_final(resp) and convert.finished_normally(resp):
-                if cache_key is not None:
-                    self.overload.remember(
-                        cache_key, cached_reply(resp, out.model or model_id, reply, token_ids)
-                    )
-                if turn.record:
-                    # Recorded before the client sees the end, so its next turn finds this one.
-                    note = await self._record(turn, "".join(reply), resp.usage.completion_tokens)
-                    if note is not None:
-                        out.degraded.append(convert.degradation_to_pb(note))
-            yield out
+        recording = False  # the finished turn is being (or was) recorded
+        try:
+            async for relayed in stream:
+                resp = relayed.resp
+                out = convert.generate_response_to_pb(resp, turn.request_id)
+                if first:
+                    first = False
+                    out.model = resp.model or model_id
+                    out.session_id = turn.params.session_id or ""
+                    out.degraded.extend(convert.degradation_to_pb(d) for d in turn.degraded)
+                if relayed.moved is not None or not reply:
+                    out.worker = relayed.address
+                if relayed.moved is not None:
+                    out.degraded.append(convert.degradation_to_pb(relayed.moved))
+                reply.append(resp.text)
+                token_ids.extend(resp.token_ids)
+                if convert.is_final(resp) and convert.finished_normally(resp):
+                    if cache_key is not None:
+                        self.overload.remember(
+                            cache_key, cached_reply(resp, out.model or model_id, reply, token_ids)
+                        )
+                    if turn.record:
+                        recording = True
+                        # Recorded before the client sees the end, so its next turn finds this one.
+                        note = await self._record(turn, "".join(reply), resp.usage.completion_tokens)
+                        if note is not None:
+                            out.degraded.append(convert.degradation_to_pb(note))
+                yield out
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away (cancelled, or its deadline passed): keep what it was sent.
+            delivered = "".join(reply)
+            if turn.record and not recording and delivered:
+                self._record_in_background(turn, delivered, len(token_ids))
+            raise
 
-    async def _record(self, turn: _Turn, reply: str, completion_tokens: int) -> Degradation | None:
+    def _record_in_background(self, turn: _Turn, reply: str, delivered_tokens: int) -> None:
+        """Append the turn with the reply as delivered so far, marked incomplete. The call it
+        belongs to is gone, so this runs on its own, bounded by downstream_timeout_s."""
+        task = asyncio.create_task(self._record(turn, reply, delivered_tokens, complete=False))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _record(
+        self, turn: _Turn, reply: str, completion_tokens: int, *, complete: bool = True
+    ) -> Degradation | None:
         """Append the turn; a failure degrades the answer instead of failing it."""
         assert self.sessions is not None and turn.params.session_id is not None
-        turns = turns_to_append(turn.params.messages, reply, turn.request_id, completion_tokens)
+        turns = turns_to_append(
+            turn.params.messages, reply, turn.request_id, completion_tokens, complete=complete
+        )
+        # A reply cut short by its caller is recorded after the caller's deadline may have passed.
+        remaining = turn.deadline.remaining() if complete else None
         try:
             with span("session append"):
-                await self.sessions.append_turns(
-                    turn.tenant, turn.params.session_id, turns, turn.deadline.remaining()
-                )
+                await self.sessions.append_turns(turn.tenant, turn.params.session_id, turns, remaining)
         except SessionUnavailable as exc:
             reason = exc.message
         except grpc.aio.AioRpcError as exc:

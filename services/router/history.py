@@ -34,14 +34,20 @@ def merge_history(
     return [*old_system, *new_system, *old_rest, *new_rest]
 
 
+# client_msg_id suffix of a reply the client stopped (cancelled, or its deadline passed) before
+# it ended: the stored text is what was delivered up to then.
+REPLY = "reply"
+INCOMPLETE_REPLY = "reply-incomplete"
+
+
 def turns_to_append(
-    new: Sequence[ChatTurn], reply: str, request_id: str, completion_tokens: int
+    new: Sequence[ChatTurn], reply: str, request_id: str, completion_tokens: int, *, complete: bool = True
 ) -> list[NewTurn]:
     """The request's messages and the reply, ready for one AppendMessages call.
 
-    The reply's token count is exact (the worker's usage). The prompt's usage covers the
-    template and the history too, so the request's messages are left for the store to
-    estimate (0).
+    The reply's token count is exact (the worker's usage, or the tokens delivered). The
+    prompt's usage covers the template and the history too, so the request's messages are left
+    for the store to estimate (0). A reply cut short is marked by its client_msg_id.
     """
     prefix = msg_id_prefix(request_id)
     turns = [
@@ -49,5 +55,6 @@ def turns_to_append(
         for i, turn in enumerate(new)
         if turn.role is not None
     ]
-    turns.append(NewTurn(Role.ASSISTANT, reply, f"{prefix}reply", completion_tokens))
+    suffix = REPLY if complete else INCOMPLETE_REPLY
+    turns.append(NewTurn(Role.ASSISTANT, reply, f"{prefix}{suffix}", completion_tokens))
     return turns

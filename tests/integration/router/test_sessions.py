@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from tests.integration.router.helpers import (
     start_router,
     text_of,
     wait_healthy,
+    wait_until,
 )
 
 ROLE = common_pb2.Role
@@ -69,6 +71,55 @@ async def test_history_is_prepended_and_both_turns_are_appended(mesh: Mesh) -> N
     assert all(c.tenant == "default" for c in calls)
     window = [c for c in mesh.sessions.window_calls if c.session_id == session_id][-1]
     assert window.token_budget == 2048 and window.tenant == "default"
+
+
+async def test_cancelled_reply_is_kept_as_delivered_and_marked_incomplete(mesh: Mesh) -> None:
+    session_id = await new_session(mesh)
+    for worker in mesh.workers:
+        worker.hold_after = 3  # three tokens, then the stream waits
+        worker.release.clear()
+    try:
+        request = chat_request("count one two three four five six", session_id=session_id)
+        call = mesh.stub.Generate(request, timeout=10)
+        received = [await call.read() for _ in range(3)]
+        call.cancel()
+        delivered = "".join(r.text for r in received)
+        assert delivered == "echo: count one "
+
+        async def stored() -> list[common_pb2.Message]:
+            history = await mesh.stub.GetHistory(
+                router_pb2.GetHistoryRequest(session_id=session_id), timeout=5
+            )
+            return list(history.messages)
+
+        await wait_until(lambda: _has_reply(stored()), what="the cancelled turn recorded")
+    finally:
+        for worker in mesh.workers:
+            worker.hold_after = None
+            worker.release.set()
+    user_turn, reply = await stored()
+    assert (ROLE.Name(user_turn.role), user_turn.content) == (
+        "ROLE_USER",
+        "count one two three four five six",
+    )
+    assert (ROLE.Name(reply.role), reply.content) == ("ROLE_ASSISTANT", delivered)
+    assert reply.client_msg_id == f"{request.request_id}/reply-incomplete"
+    assert reply.token_count == 3  # the tokens the client was sent
+    # One AppendMessages: the user turn and the partial reply together.
+    calls = [c for c in mesh.sessions.append_calls if c.session_id == session_id]
+    assert [len(c.messages) for c in calls] == [2]
+
+    # The next turn sees the partial reply as history.
+    follow_up = chat_request("go on", session_id=session_id)
+    await collect(mesh.stub, follow_up)
+    assert worker_saw(mesh, follow_up.request_id)[-2:] == [
+        ("ROLE_ASSISTANT", delivered),
+        ("ROLE_USER", "go on"),
+    ]
+
+
+async def _has_reply(messages: Awaitable[list[common_pb2.Message]]) -> bool:
+    return any(m.role == common_pb2.ROLE_ASSISTANT for m in await messages)
 
 
 async def test_retry_with_same_request_id_does_not_duplicate(mesh: Mesh) -> None:

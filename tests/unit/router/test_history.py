@@ -51,3 +51,11 @@ def test_turn_ids_derive_from_the_request_id() -> None:
         NewTurn(Role.USER, "u", "req/1", 0),
         NewTurn(Role.ASSISTANT, "reply", "req/reply", 4),
     ]
+
+
+def test_a_reply_cut_short_is_marked_by_its_id() -> None:
+    turns = turns_to_append([ChatTurn(Role.USER, "u")], "partial", "req", completion_tokens=2, complete=False)
+    assert turns == [
+        NewTurn(Role.USER, "u", "req/0", 0),
+        NewTurn(Role.ASSISTANT, "partial", "req/reply-incomplete", 2),
+    ]
