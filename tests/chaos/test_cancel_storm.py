@@ -28,7 +28,13 @@ from tests.chaos.generation_mesh import PROMPTS, Mesh, generate, generation_mesh
 from tests.chaos.harness import DrillResult, record, wait_until
 
 STREAMS = 500
-MAX_TOKENS = 24
+# Cancel points lie within the first CANCEL_WITHIN tokens, but the requests ask for far more:
+# a cancellation that did not reach the worker would leave its sequence running for minutes.
+CANCEL_WITHIN = 24
+MAX_TOKENS = 256
+# Deadline streams are INTERACTIVE and shorter, so the router queues them ahead of the long
+# STANDARD ones rather than refusing them up front as unable to meet their deadline.
+DEADLINE_MAX_TOKENS = 64
 RECOVERY_TARGET_S = 5.0
 # More than the worker runs at once (max_running 64), so some also wait in the worker's queue.
 ROUTED_STREAMS = 128
@@ -153,11 +159,19 @@ async def drill(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Drill
 
 
 async def cancelled_stream(
-    stub: router_pb2_grpc.InferenceStub, prompt: str, mode: str, point: float, max_tokens: int
+    stub: router_pb2_grpc.InferenceStub,
+    prompt: str,
+    mode: str,
+    point: float,
+    max_tokens: int,
+    priority: int = common_pb2.PRIORITY_UNSPECIFIED,
 ) -> Outcome:
     """One Generate, ended by the client at `point` (seconds, tokens or deadline, per `mode`)."""
     request = router_pb2.GenerateRequest(
-        prompt=prompt, max_tokens=max_tokens, sampling=common_pb2.SamplingParams(ignore_eos=True)
+        prompt=prompt,
+        max_tokens=max_tokens,
+        priority=priority,  # type: ignore[arg-type]
+        sampling=common_pb2.SamplingParams(ignore_eos=True),
     )
     out = Outcome(mode)
     # Only the deadline mode sets one: the router refuses a deadline it predicts to miss, and
@@ -195,12 +209,17 @@ async def test_cancel_500_streams_at_random_points(drill: Drill) -> None:
     rng = random.Random(3)
     mesh, watch = drill.mesh, drill.watch
     assert idle(watch.latest)
-    plan = [(mode, random_point(rng, mode, MAX_TOKENS, 8.0)) for mode in rng.choices(MODES, k=STREAMS)]
+    plan = [(mode, random_point(rng, mode, CANCEL_WITHIN, 8.0)) for mode in rng.choices(MODES, k=STREAMS)]
 
     async def one(i: int, mode: str, point: float) -> Outcome:
         # Spread the starts over a second: streams join while others run and leave.
         await asyncio.sleep(rng.uniform(0, 1.0))
-        return await cancelled_stream(mesh.stub, PROMPTS[i % len(PROMPTS)], mode, point, MAX_TOKENS)
+        prompt = PROMPTS[i % len(PROMPTS)]
+        if mode == DEADLINE:
+            return await cancelled_stream(
+                mesh.stub, prompt, mode, point, DEADLINE_MAX_TOKENS, common_pb2.PRIORITY_INTERACTIVE
+            )
+        return await cancelled_stream(mesh.stub, prompt, mode, point, MAX_TOKENS)
 
     started = time.monotonic()
     async with asyncio.timeout(300):  # no stream but the deadline ones has a deadline of its own
@@ -223,8 +242,8 @@ async def test_cancel_500_streams_at_random_points(drill: Drill) -> None:
     result = record(
         DrillResult(
             drill="3 cancel storm",
-            load=f"{STREAMS} streams x up to {MAX_TOKENS} tokens, 1 worker",
-            injected="cancel before 1st token / after k tokens / deadline",
+            load=f"{STREAMS} streams asking {DEADLINE_MAX_TOKENS}-{MAX_TOKENS} tokens, 1 worker",
+            injected=f"cancel before 1st token / after k<{CANCEL_WITHIN} tokens / deadline",
             total=STREAMS,
             completed=len(ok),
             failed=STREAMS - len(ok),
