@@ -87,16 +87,26 @@ def conversation(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
 
 
 def make_engine(dtype: str, *, max_running: int = 64, prefix_caching: bool = True) -> Any:
+    """The engine as the worker service builds it: model loaded on the engine's own model thread.
+
+    Loading on another thread would give torch a second OpenMP team; with more OpenMP threads
+    than cores every forward pass slows down (see `model_thread`).
+    """
     from services.worker.config import WorkerConfig
-    from services.worker.engine import Engine
+    from services.worker.engine import Engine, model_thread
     from services.worker.runner import ModelRunner
     from services.worker.service import build_batching
 
     config = WorkerConfig(
         dtype=dtype, max_context=2048, max_running=max_running, prefix_caching=prefix_caching
     )
-    runner, _ = ModelRunner.load(packaged_model_path(), torch.device("cpu"), getattr(torch, dtype), 2048)
-    return Engine(*build_batching(config, runner))
+    executor = model_thread()
+
+    def load() -> Any:
+        runner, _ = ModelRunner.load(packaged_model_path(), torch.device("cpu"), getattr(torch, dtype), 2048)
+        return build_batching(config, runner)
+
+    return Engine(*executor.submit(load).result(), executor=executor)
 
 
 def new_seq(ids: list[int], max_tokens: int, request_id: str) -> Any:
