@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.chaos.generation_mesh import PROMPTS, Stream, generate, generation_mesh, under_way
 from tests.chaos.harness import DrillResult, record, wait_until
 
-STREAMS = 16
+STREAMS = 32
 MAX_TOKENS = 32
 DEADLINE_S = 60.0
 
