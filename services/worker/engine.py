@@ -158,9 +158,7 @@ class Engine:
 
     def load(self) -> EngineLoad:
         blocks = self._scheduler.blocks
-        running = [
-            self._seqs[s.request_id] for s in list(self._scheduler.running) if s.request_id in self._seqs
-        ]
+        running = self._running_seqs()
         # Cancelled requests stay queued until the loop reaches them, but are no work.
         waiting = [h.seq for h in self._waiting_handles() if not h.cancelled]
         return EngineLoad(
@@ -279,6 +277,10 @@ class Engine:
             extra={"request_id": seq.request_id, "completion_tokens": seq.completion_tokens},
         )
 
+    def _running_seqs(self) -> list[GenSequence]:
+        # A copy: the model thread may change the running list while the event loop reads it.
+        return [self._seqs[s.request_id] for s in list(self._scheduler.running) if s.request_id in self._seqs]
+
     def _waiting_handles(self) -> list[RequestHandle]:
         queued = [
             self._handles[s.request_id]
@@ -292,9 +294,7 @@ class Engine:
 
     def _retry_after_ms(self) -> int:
         """Rough time until a queue slot frees: the running sequence closest to its end, at measured speed."""
-        running = [
-            self._seqs[s.request_id] for s in list(self._scheduler.running) if s.request_id in self._seqs
-        ]
+        running = self._running_seqs()
         rate = self.decode_meter.rate
         if rate <= 0 or not running:
             return 1000

@@ -75,11 +75,6 @@ class ModelRunner:
         return runner, weights
 
     @torch.inference_mode()
-    def prefill(self, token_ids: Sequence[int], start: int) -> None:
-        """Run tokens into the cache at positions start.. without sampling."""
-        self._hidden(token_ids, start)
-
-    @torch.inference_mode()
     def logits(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
         """float32 logits [len(token_ids), vocab] of every position of the chunk."""
         return self.model.compute_logits(self._hidden(token_ids, start))[0]
