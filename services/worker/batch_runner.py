@@ -7,7 +7,7 @@ sequence whose chunk reached its end. Runs on the model thread; no asyncio here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -16,6 +16,10 @@ from services.worker.model.llama import LlamaModel
 from services.worker.model.paged_kv_cache import PagedForwardContext, PagedKVCache
 from services.worker.sampler import sample
 from services.worker.sequence import GenSequence
+from services.worker.step import StepInterrupted
+
+# Past this share of the layers, finishing the pass is cheaper than running it again.
+_INTERRUPTIBLE_SHARE = 0.75
 
 
 class BatchRunner:
@@ -25,9 +29,16 @@ class BatchRunner:
 
     @torch.inference_mode()
     def execute(
-        self, out: SchedulerOutput, seqs: Mapping[str, GenSequence]
+        self,
+        out: SchedulerOutput,
+        seqs: Mapping[str, GenSequence],
+        interrupt: Callable[[], bool] | None = None,
     ) -> dict[str, tuple[int, float | None]]:
-        """Run every scheduled chunk; sampled (token, logprob) of each chunk that ends its sequence."""
+        """Run every scheduled chunk; sampled (token, logprob) of each chunk that ends its sequence.
+
+        `interrupt` is asked between layers (the first three quarters of them); True gives the
+        pass up with `StepInterrupted`.
+        """
         if not out.chunks:
             return {}
         device = self.cache.device
@@ -41,7 +52,7 @@ class BatchRunner:
             [(c.start, len(c.token_ids), c.block_table) for c in out.chunks],
             self.model.rope(positions.to(device), x.dtype),
         )
-        hidden = self.model.run_layers(x, ctx)[0]
+        hidden = self.model.run_layers(x, ctx, None if interrupt is None else self._checkpoint(interrupt))[0]
         sampling = [
             (c.request_id, span.end - 1) for c, span in zip(out.chunks, ctx.spans, strict=True) if c.sample
         ]
@@ -56,3 +67,12 @@ class BatchRunner:
             seen = seq.all_ids if seq.sampling.repetition_penalty != 1.0 else ()
             results[request_id] = sample(row_logits, seq.sampling, seen, seq.seed, seq.step_index)
         return results
+
+    def _checkpoint(self, interrupt: Callable[[], bool]) -> Callable[[int], None]:
+        last = int(len(self.model.layers) * _INTERRUPTIBLE_SHARE)
+
+        def before_layer(i: int) -> None:
+            if i < last and interrupt():
+                raise StepInterrupted(f"given up before layer {i}")
+
+        return before_layer

@@ -7,6 +7,9 @@ import dataclasses
 from services.common import tls
 from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, setting
 
+# `urgent_priority` names to the common Priority numbers the scheduler compares (0: none urgent).
+URGENT_PRIORITIES = {"none": 0, "critical": 1, "interactive": 2}
+
 
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
@@ -70,6 +73,21 @@ class WorkerConfig:
         min=1,
     )
     kv_block_size: int = setting(16, "Positions per KV cache block.", min=1, max=1024)
+    urgent_priority: str = setting(
+        "interactive",
+        "Requests at this priority or above get forward passes of their own for their first "
+        "token (the others sit those steps out, and a pass of lower-priority work in progress is "
+        "given up for them), so their time to first token stays short under load; none: every "
+        "step runs everybody.",
+        choices=tuple(URGENT_PRIORITIES),
+    )
+    max_urgent_steps: int = setting(
+        2,
+        "Most such first-token steps in a row before a step that runs every sequence (bounds "
+        "what the running streams wait for new urgent ones).",
+        min=1,
+        max=1000,
+    )
     prefix_caching: bool = setting(
         True, "Reuse the KV blocks of identical prompt prefixes (e.g. a conversation's earlier turns)."
     )

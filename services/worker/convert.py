@@ -60,6 +60,7 @@ def generate_request_from_pb(req: worker_pb2.GenerateRequest) -> GenerateRequest
         stop=tuple(req.stop),
         stop_token_ids=tuple(req.stop_token_ids),
         resume_token_ids=tuple(req.resume_token_ids),
+        priority=req.priority or common_pb2.PRIORITY_STANDARD,
     )
 
 

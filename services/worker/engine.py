@@ -119,6 +119,10 @@ class Engine:
         # Forward passes finished so far; the health probe reads progress from it.
         self.passes = 0
         self.preemptions = 0
+        # Passes given up part-way for an urgent arrival (their work is done again).
+        self.interrupted_passes = 0
+        # An urgent request was submitted since the running step began (read by the model thread).
+        self._urgent_arrived = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="worker-engine")
@@ -152,6 +156,8 @@ class Engine:
             )
         handle = RequestHandle(next(self._keys), seq, self._wakeup)
         self._pending.append(handle)
+        if seq.priority <= self._scheduler.limits.urgent_priority:
+            self._urgent_arrived = True
         self._idle.clear()
         self._wakeup.set()
         return handle
@@ -212,12 +218,14 @@ class Engine:
                 await self._wakeup.wait()
                 continue
             started = time.perf_counter()
+            # Urgent requests submitted from now on are not in this step: they may interrupt it.
+            self._urgent_arrived = False
             result = await loop.run_in_executor(self._executor, self._step)
             self._account(result, time.perf_counter() - started)
             self._dispatch(result)
 
     def _step(self) -> StepResult:
-        return run_step(self._scheduler, self._step_executor, self._seqs)
+        return run_step(self._scheduler, self._step_executor, self._seqs, lambda: self._urgent_arrived)
 
     def _admit_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -258,6 +266,9 @@ class Engine:
                     self._forget(key)
 
     def _account(self, result: StepResult, seconds: float) -> None:
+        if result.interrupted:
+            self.interrupted_passes += 1
+            return
         self.passes += 1
         self.preemptions += result.preempted
         total = result.prefill_tokens + result.decode_tokens

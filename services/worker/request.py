@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 
 from services.common.errors import InvalidArgument
+from services.worker.core.seq_state import LOWEST_PRIORITY, STANDARD_PRIORITY
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -50,6 +51,8 @@ class GenerateRequest:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     resume_token_ids: tuple[int, ...] = ()
+    # The common Priority number (1 critical .. 4 batch); the scheduler runs lower first.
+    priority: int = STANDARD_PRIORITY
 
     @property
     def input_field(self) -> str:
@@ -106,6 +109,10 @@ def validate_request(req: GenerateRequest, limits: Limits) -> None:
     check_model(req.model, limits)
     check_prompt_source(req.messages, req.prompt, req.prompt_token_ids)
     _check_sampling(req.sampling)
+    if not 1 <= req.priority <= LOWEST_PRIORITY:
+        raise InvalidArgument(
+            "priority", f"priority={req.priority}: must be a Priority value, 0 to {LOWEST_PRIORITY}"
+        )
     if req.max_tokens is not None:
         if req.max_tokens < 1:
             raise InvalidArgument("max_tokens", f"max_tokens={req.max_tokens}: must be >= 1")

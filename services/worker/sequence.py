@@ -11,6 +11,7 @@ import dataclasses
 import enum
 from collections.abc import Callable, Sequence
 
+from services.worker.core.seq_state import STANDARD_PRIORITY
 from services.worker.detokenizer import IncrementalDetokenizer
 from services.worker.request import SamplingParams
 from services.worker.stop import StopMatcher
@@ -57,8 +58,10 @@ class GenSequence:
         eos_ids: Sequence[int] = (),
         stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
+        priority: int = STANDARD_PRIORITY,
     ) -> None:
         self.request_id = request_id
+        self.priority = priority
         self.prompt_ids = list(prompt_ids)
         self.resume_ids = list(resume_ids)
         self.sampling = sampling
@@ -121,7 +124,9 @@ class GenSequence:
             return self.end(Finish.STOP)
         if self.remaining <= 0:
             return self.end(Finish.LENGTH)
-        if not self._pending.text:
+        # The first token goes out at once, text or not (a special token, half a character, the
+        # start of a stop string): the caller's time to first token is this step, not the next.
+        if not self._pending.text and len(self.output_ids) > 1:
             return None
         return self._take()
 

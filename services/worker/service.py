@@ -21,7 +21,7 @@ from services.common.errors import Unavailable
 from services.common.model_card import ModelCard
 from services.common.telemetry import Phases
 from services.worker.batch_runner import BatchRunner
-from services.worker.config import WorkerConfig
+from services.worker.config import URGENT_PRIORITIES, WorkerConfig
 from services.worker.core.block_manager import BlockManager
 from services.worker.core.scheduler import Scheduler, SchedulerLimits
 from services.worker.engine import Engine, EngineLoad, model_thread
@@ -139,6 +139,7 @@ class WorkerService:
             eos_ids=self.tokenizer.eos_token_ids,
             stop=req.stop,
             stop_token_ids=req.stop_token_ids,
+            priority=req.priority,
         )
         handle = self.engine.submit(seq)
         phases = Phases("worker prefill", "worker decode")
@@ -235,6 +236,8 @@ def build_batching(config: WorkerConfig, runner: ModelRunner) -> tuple[BatchRunn
         max_num_batched_tokens=config.max_batch_tokens,
         max_waiting=config.max_waiting,
         max_prefill_chunk=config.prefill_chunk_tokens,
+        urgent_priority=URGENT_PRIORITIES[config.urgent_priority],
+        max_urgent_steps=config.max_urgent_steps,
     )
     logger.info(
         "KV cache ready",

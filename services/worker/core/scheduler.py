@@ -5,6 +5,12 @@ Every step fits a token budget: running sequences go first (a decode costs one
 token, an unfinished prompt a chunk of it), then waiting ones are admitted while
 blocks and seats last. When a running sequence needs a block and none is free,
 the most recently admitted sequence gives its blocks back and is recomputed later.
+
+Priorities: the waiting queue is ordered by priority (first come first within one).
+While an urgent sequence (priority <= `urgent_priority`) waits for its first token,
+steps run only such sequences: its prefill is a short step of its own, as on an idle
+worker, whatever else is running (the engine also gives up a pass in progress for it).
+At most `max_urgent_steps` such steps run in a row, so the others never starve.
 """
 
 from __future__ import annotations
@@ -61,13 +67,19 @@ class SchedulerLimits:
     max_waiting: int = 256
     # Most prompt tokens of one sequence per step, so a long prompt leaves room for others; 0: the budget.
     max_prefill_chunk: int = 0
+    # Sequences at this priority or more urgent (lower) get steps of their own for their
+    # first token; 0 turns that off.
+    urgent_priority: int = 2
+    # Most such steps in a row before one that runs everybody.
+    max_urgent_steps: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_urgent_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if self.max_prefill_chunk < 0:
-            raise ValueError(f"max_prefill_chunk={self.max_prefill_chunk}: must be >= 0")
+        for name in ("max_prefill_chunk", "urgent_priority"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
 
 
 class Scheduler:
@@ -78,6 +90,7 @@ class Scheduler:
         self.running: list[SeqState] = []
         self._seqs: dict[str, SeqState] = {}
         self._serials = itertools.count(1)
+        self._urgent_streak = 0
 
     @property
     def num_waiting(self) -> int:
@@ -110,7 +123,11 @@ class Scheduler:
         seq.serial = next(self._serials)
         seq.status = SeqStatus.WAITING
         seq.extend_hashes(self.blocks.block_size)
-        self.waiting.append(seq)
+        # Behind every waiting sequence of its priority or a more urgent one.
+        at = len(self.waiting)
+        while at > 0 and self.waiting[at - 1].priority > seq.priority:
+            at -= 1
+        self.waiting.insert(at, seq)
         self._seqs[seq.request_id] = seq
 
     def finish(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED) -> SeqState | None:
@@ -128,12 +145,23 @@ class Scheduler:
         return seq
 
     def schedule(self) -> SchedulerOutput:
+        if self._first_token_step():
+            out = self._schedule(only_first_tokens=True)
+            # An urgent sequence that does not fit yet leaves nothing to run: run the others.
+            if out.chunks or out.preempted:
+                return out
+        return self._schedule(only_first_tokens=False)
+
+    def _schedule(self, *, only_first_tokens: bool) -> SchedulerOutput:
         budget = self.limits.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if only_first_tokens and not self._awaits_first_token(seq):
+                i += 1
+                continue
             num_new = self._chunk_len(seq, seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow_or_preempt(seq, num_new, preempted):
                 break
@@ -141,12 +169,15 @@ class Scheduler:
             budget -= num_new
             i += 1
         # After a preemption memory is short: admitting more would only preempt again.
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.limits.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget <= 0 or preempted or len(self.running) >= self.limits.max_num_seqs:
+                break
+            if only_first_tokens and not self._awaits_first_token(seq):
+                continue
             num_new = self._admit(seq, budget)
             if num_new == 0:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             chunks.append(self._chunk(seq, num_new))
@@ -173,6 +204,30 @@ class Scheduler:
                     finished.append(seq)
                     self.finish(seq.request_id, reason)
         return finished
+
+    def interruptible(self, out: SchedulerOutput) -> bool:
+        """Whether the engine may give this step's pass up for an urgent arrival: it runs some
+        lower-priority work and carries no urgent sequence towards its first token. (Urgent
+        streams alone are never interrupted: a load of nothing but urgent requests keeps its
+        throughput.)"""
+        seqs = [seq for c in out.chunks if (seq := self._seqs.get(c.request_id)) is not None]
+        return any(s.priority > self.limits.urgent_priority for s in seqs) and not any(
+            self._awaits_first_token(s) for s in seqs
+        )
+
+    def _awaits_first_token(self, seq: SeqState) -> bool:
+        return seq.priority <= self.limits.urgent_priority and seq.num_output_tokens == 0
+
+    def _first_token_step(self) -> bool:
+        """Whether this step runs only the urgent sequences that await their first token: there
+        are some, others would share (and slow) the step, and the streak is not at its limit."""
+        seqs = list(itertools.chain(self.waiting, self.running))
+        first = sum(self._awaits_first_token(s) for s in seqs)
+        if not first or first == len(seqs) or self._urgent_streak >= self.limits.max_urgent_steps:
+            self._urgent_streak = 0
+            return False
+        self._urgent_streak += 1
+        return True
 
     def _chunk_len(self, seq: SeqState, remaining: int, budget: int) -> int:
         return min(remaining, budget, self.limits.max_prefill_chunk or budget)
@@ -239,7 +294,11 @@ class Scheduler:
         self._release(seq)
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        # First of its priority: it held a seat before those admitted after it.
+        at = 0
+        while at < len(self.waiting) and self.waiting[at].priority < seq.priority:
+            at += 1
+        self.waiting.insert(at, seq)
 
     def _release(self, seq: SeqState) -> None:
         self.blocks.free(seq.block_table)

@@ -8,6 +8,10 @@ from collections.abc import Sequence
 
 from services.worker.core.block_manager import BlockHash, hash_block
 
+# Priorities are the common Priority numbers: 1 critical, 2 interactive, 3 standard, 4 batch.
+STANDARD_PRIORITY = 3
+LOWEST_PRIORITY = 4
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -41,6 +45,8 @@ class SeqState:
     # Tokens found in the prefix cache when the sequence was last admitted.
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    # Lower runs first: 1 critical, 2 interactive, 3 standard, 4 batch (the common Priority numbers).
+    priority: int = STANDARD_PRIORITY
     # Tells a sequence from a later one that reuses its request id.
     serial: int = 0
 
@@ -51,6 +57,7 @@ class SeqState:
         prompt_ids: Sequence[int],
         max_new_tokens: int,
         stop_token_ids: Sequence[int] = (),
+        priority: int = STANDARD_PRIORITY,
     ) -> SeqState:
         if not prompt_ids:
             raise ValueError(f"request {request_id!r}: prompt must hold at least one token")
@@ -62,6 +69,7 @@ class SeqState:
             num_prompt_tokens=len(prompt_ids),
             max_new_tokens=max_new_tokens,
             stop_token_ids=frozenset(stop_token_ids),
+            priority=priority,
         )
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -208,9 +209,16 @@ class LlamaModel(nn.Module):
             self.rope_sin[positions].unsqueeze(1).to(dtype),
         )
 
-    def run_layers(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        """Embedded tokens [1, T, hidden] through every layer and the final norm."""
-        for layer in self.layers:
+    def run_layers(
+        self, x: torch.Tensor, ctx: AttentionContext, before_layer: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Embedded tokens [1, T, hidden] through every layer and the final norm.
+
+        `before_layer(i)` runs before layer i; it may raise to give the pass up.
+        """
+        for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                before_layer(i)
             x = layer(x, ctx)
         return self.norm(x)
 

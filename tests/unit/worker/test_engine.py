@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
@@ -14,21 +14,31 @@ from services.worker.core.scheduler import Scheduler, SchedulerLimits, Scheduler
 from services.worker.engine import Engine
 from services.worker.request import SamplingParams
 from services.worker.sequence import Delta, Finish, GenSequence
+from services.worker.step import StepInterrupted
 
 
 class ScriptedExecutor:
-    """Next token = last token of the chunk + 1; records every step as (request id, start, length) chunks."""
+    """Next token = last token of the chunk + 1; records every step as (request id, start, length)
+    chunks. A step takes `step_s`, in ten slices like layers, asking `interrupt` between them."""
 
     def __init__(self, step_s: float = 0.0, fail_on: int | None = None) -> None:
         self.step_s = step_s
         self.fail_on = fail_on
         self.steps: list[list[tuple[str, int, int]]] = []
+        self.interrupted: list[list[str]] = []
 
     def execute(
-        self, out: SchedulerOutput, seqs: Mapping[str, GenSequence]
+        self,
+        out: SchedulerOutput,
+        seqs: Mapping[str, GenSequence],
+        interrupt: Callable[[], bool] | None = None,
     ) -> dict[str, tuple[int, float | None]]:
         self.steps.append([(seqs[c.request_id].request_id, c.start, len(c.token_ids)) for c in out.chunks])
-        time.sleep(self.step_s)
+        for _ in range(10):
+            if interrupt is not None and interrupt():
+                self.interrupted.append([seqs[c.request_id].request_id for c in out.chunks])
+                raise StepInterrupted
+            time.sleep(self.step_s / 10)
         if self.fail_on is not None and any(c.token_ids[-1] == self.fail_on for c in out.chunks):
             raise RuntimeError("device fell over")
         return {c.request_id: (c.token_ids[-1] + 1, None) for c in out.chunks if c.sample}
@@ -41,8 +51,11 @@ def decode(ids: Sequence[int]) -> str:
     return "".join(f"<{i}>" for i in ids)
 
 
-def make_seq(request_id: str = "r", prompt: Sequence[int] = (1, 2, 3), max_new: int = 4) -> GenSequence:
+def make_seq(
+    request_id: str = "r", prompt: Sequence[int] = (1, 2, 3), max_new: int = 4, priority: int = 3
+) -> GenSequence:
     return GenSequence(
+        priority=priority,
         request_id=request_id,
         prompt_ids=prompt,
         resume_ids=[],
@@ -120,6 +133,36 @@ async def test_a_request_joins_a_running_batch_between_steps(engine_with) -> Non
     assert second[-1].finish is Finish.LENGTH
     assert not first.done(), "the second request waited for the first to end"
     assert (await first)[-1].finish is Finish.LENGTH
+
+
+async def test_an_urgent_request_interrupts_a_lower_priority_pass_and_runs_first(engine_with) -> None:  # type: ignore[no-untyped-def]
+    executor = ScriptedExecutor(step_s=0.2)
+    engine = engine_with(executor)
+    batch = asyncio.create_task(collect(engine, make_seq("batch", max_new=3, priority=4)))
+    await wait_until(lambda: len(executor.steps) == 1)
+    started = time.perf_counter()
+    urgent = engine.submit(make_seq("urgent", prompt=(7, 8), max_new=2, priority=2))
+    first = await anext(urgent.deltas())
+    waited = time.perf_counter() - started
+    assert first.token_ids == [9]
+    # The batch pass was given up, and the urgent prefill ran on its own before the batch's again.
+    assert executor.interrupted == [["batch"]]
+    assert [rid for rid, _, _ in executor.steps[1]] == ["urgent"]
+    assert waited < 0.2 + 0.1, "the urgent request waited for the whole lower-priority pass"
+    assert engine.interrupted_passes == 1
+    # Nothing of the interrupted pass counted: the batch request still gets every token once.
+    assert [t for d in await batch for t in d.token_ids] == [4, 5, 6]
+
+
+async def test_a_pass_towards_an_urgent_first_token_is_not_given_up_for_another(engine_with) -> None:  # type: ignore[no-untyped-def]
+    executor = ScriptedExecutor(step_s=0.05)
+    engine = engine_with(executor)
+    one = asyncio.create_task(collect(engine, make_seq("one", max_new=3, priority=1)))
+    await wait_until(lambda: len(executor.steps) == 1)
+    two = await collect(engine, make_seq("two", max_new=3, priority=2))
+    assert [t for d in two for t in d.token_ids] == [4, 5, 6]
+    await one
+    assert executor.interrupted == []
 
 
 async def test_abandoned_stream_frees_its_blocks_within_a_step(engine_with) -> None:  # type: ignore[no-untyped-def]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from services.worker.core.scheduler import SchedulerOutput
 from services.worker.engine import Engine
@@ -26,10 +26,13 @@ class BlockableRunner(ScriptedExecutor):
         self.gate.set()
 
     def execute(
-        self, out: SchedulerOutput, seqs: Mapping[str, GenSequence]
+        self,
+        out: SchedulerOutput,
+        seqs: Mapping[str, GenSequence],
+        interrupt: Callable[[], bool] | None = None,
     ) -> dict[str, tuple[int, float | None]]:
         self.gate.wait()
-        return super().execute(out, seqs)
+        return super().execute(out, seqs, interrupt)
 
 
 class Reports:

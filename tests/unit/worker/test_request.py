@@ -144,3 +144,9 @@ def test_plan_rejects_resume_reaching_max_tokens() -> None:
         plan_tokens(req, prompt_len=5, limits=LIMITS)
     assert info.value.field == "resume_token_ids"
     assert "max_tokens=2" in info.value.message
+
+
+@pytest.mark.parametrize("priority", [-1, 5, 99])
+def test_priority_outside_the_enum(priority: int) -> None:
+    err = invalid(dataclasses.replace(GOOD, priority=priority))
+    assert err.field == "priority" and f"priority={priority}" in err.message

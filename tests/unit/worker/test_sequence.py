@@ -96,8 +96,14 @@ def test_held_back_prefix_released_at_length() -> None:
 
 
 def test_token_ids_travel_with_their_text() -> None:
-    deltas = run(make_seq(max_new=4), [9, 10, 3, 4])
-    assert [(d.text, d.token_ids) for d in deltas] == [("é", [9, 10]), (" sat", [3]), (".", [4])]
+    deltas = run(make_seq(max_new=4), [3, 9, 10, 4])
+    assert [(d.text, d.token_ids) for d in deltas] == [(" sat", [3]), ("é", [9, 10]), (".", [4])]
+
+
+def test_first_token_goes_out_at_once_even_without_text() -> None:
+    # Half a character: its text waits for the next token, its id does not (time to first token).
+    deltas = run(make_seq(max_new=3), [9, 10, 4])
+    assert [(d.text, d.token_ids) for d in deltas] == [("", [9]), ("é", [10]), (".", [4])]
 
 
 def test_logprobs_only_when_asked() -> None:

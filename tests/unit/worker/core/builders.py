@@ -22,6 +22,8 @@ def make_scheduler(
     max_waiting: int = 256,
     max_prefill_chunk: int = 0,
     prefix_caching: bool = True,
+    urgent_priority: int = 2,
+    max_urgent_steps: int = 2,
 ) -> Scheduler:
     return Scheduler(
         BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching),
@@ -30,6 +32,8 @@ def make_scheduler(
             max_num_batched_tokens=max_num_batched_tokens,
             max_waiting=max_waiting,
             max_prefill_chunk=max_prefill_chunk,
+            urgent_priority=urgent_priority,
+            max_urgent_steps=max_urgent_steps,
         ),
     )
 
@@ -41,13 +45,14 @@ def make_requests(
     *,
     prefix: Sequence[int] = (),
     stop_token_ids: Sequence[int] = (),
+    priority: int = 3,
 ) -> list[SeqState]:
     """Requests with distinct prompts (after the shared `prefix`), so no two share a block by chance."""
     seqs = []
     for _ in range(n):
         k = next(_ids)
         body = [1000 + k * 1000 + j for j in range(prompt_len - len(prefix))]
-        seqs.append(SeqState.new(f"req-{k}", [*prefix, *body], max_new_tokens, stop_token_ids))
+        seqs.append(SeqState.new(f"req-{k}", [*prefix, *body], max_new_tokens, stop_token_ids, priority))
     return seqs
 
 

@@ -263,3 +263,112 @@ def test_cancel_during_a_step_frees_at_once_and_the_result_is_dropped() -> None:
 
 def test_finish_of_an_unknown_request_is_a_no_op() -> None:
     assert make_scheduler().finish("nope") is None
+
+
+def test_waiting_requests_are_admitted_by_priority_then_arrival() -> None:
+    sched = make_scheduler(max_num_seqs=1)
+    [batch] = make_requests(1, priority=4)
+    [standard_1, standard_2] = make_requests(2, priority=3)
+    [critical] = make_requests(1, priority=1)
+    for seq in (batch, standard_1, critical, standard_2):
+        sched.add(seq)
+    assert [s.request_id for s in sched.waiting] == [
+        s.request_id for s in (critical, standard_1, standard_2, batch)
+    ]
+
+
+def test_an_urgent_prefill_runs_without_the_lower_priority_sequences() -> None:
+    sched = make_scheduler()
+    background = make_requests(3, prompt_len=6, max_new_tokens=20, priority=4)
+    for seq in background:
+        sched.add(seq)
+    step(sched)
+    [urgent] = make_requests(1, prompt_len=12, max_new_tokens=3, priority=2)
+    [late] = make_requests(1, prompt_len=6, priority=3)
+    sched.add(urgent)
+    sched.add(late)
+    out, _ = step(sched)
+    # Its own step: no decodes of the others, no other prefill to lengthen it.
+    assert [c.request_id for c in out.chunks] == [urgent.request_id]
+    out, _ = step(sched)
+    # First token out: everyone runs together again.
+    assert {c.request_id for c in out.chunks} == {s.request_id for s in (*background, urgent, late)}
+
+
+def test_urgent_steps_are_bounded_so_the_others_never_starve() -> None:
+    sched = make_scheduler(max_num_batched_tokens=4, max_urgent_steps=2)
+    [background] = make_requests(1, prompt_len=3, max_new_tokens=20, priority=3)
+    sched.add(background)
+    step(sched)
+    # A long urgent prompt takes several chunks; every third step runs the background one too.
+    [urgent] = make_requests(1, prompt_len=24, max_new_tokens=2, priority=1)
+    sched.add(urgent)
+    ran_background = [
+        background.request_id in {c.request_id for c in step(sched)[0].chunks} for _ in range(6)
+    ]
+    assert ran_background == [False, False, True, False, False, True]
+
+
+def test_urgent_steps_can_be_turned_off() -> None:
+    sched = make_scheduler(urgent_priority=0)
+    [background] = make_requests(1, prompt_len=3, max_new_tokens=20, priority=4)
+    sched.add(background)
+    step(sched)
+    [urgent] = make_requests(1, prompt_len=6, priority=1)
+    sched.add(urgent)
+    out, _ = step(sched)
+    assert {c.request_id for c in out.chunks} == {background.request_id, urgent.request_id}
+
+
+def test_an_urgent_request_that_does_not_fit_yet_leaves_the_others_running() -> None:
+    sched = make_scheduler(num_blocks=5, block_size=4)
+    [background] = make_requests(1, prompt_len=8, max_new_tokens=4, priority=3)
+    sched.add(background)
+    step(sched)
+    [urgent] = make_requests(1, prompt_len=16, max_new_tokens=2, priority=2)  # 4 blocks; 3 are free
+    sched.add(urgent)
+    out, _ = step(sched)
+    assert [c.request_id for c in out.chunks] == [background.request_id]
+
+
+def test_an_interrupted_step_hands_the_same_work_out_again() -> None:
+    sched = make_scheduler()
+    seqs = make_requests(2, prompt_len=9, max_new_tokens=3)
+    for seq in seqs:
+        sched.add(seq)
+    given_up = sched.schedule()  # the model never finished it: no update
+    again = sched.schedule()
+    assert [(c.request_id, c.start, c.token_ids) for c in again.chunks] == [
+        (c.request_id, c.start, c.token_ids) for c in given_up.chunks
+    ]
+    sched.update_from_output(again, fake_sampled(again))
+    check_invariants(sched)
+    assert all(s.num_output_tokens == 1 for s in seqs)
+
+
+def test_a_first_token_step_leaves_out_urgent_decodes_too() -> None:
+    sched = make_scheduler()
+    [streaming] = make_requests(1, prompt_len=6, max_new_tokens=20, priority=1)
+    [background] = make_requests(1, prompt_len=6, max_new_tokens=20, priority=4)
+    sched.add(streaming)
+    sched.add(background)
+    step(sched)
+    [new] = make_requests(1, prompt_len=6, priority=2)
+    sched.add(new)
+    out, _ = step(sched)
+    assert [c.request_id for c in out.chunks] == [new.request_id]
+
+
+def test_only_passes_of_lower_priority_work_may_be_interrupted() -> None:
+    sched = make_scheduler()
+    [urgent] = make_requests(1, prompt_len=6, max_new_tokens=20, priority=2)
+    sched.add(urgent)
+    first_token = sched.schedule()
+    assert not sched.interruptible(first_token)
+    sched.update_from_output(first_token, fake_sampled(first_token))
+    urgent_decodes = sched.schedule()
+    assert not sched.interruptible(urgent_decodes)  # a load of urgent streams keeps its throughput
+    sched.update_from_output(urgent_decodes, fake_sampled(urgent_decodes))
+    [background] = make_requests(1, prompt_len=6, priority=3)
+    sched.add(background)
+    assert sched.interruptible(sched.schedule())

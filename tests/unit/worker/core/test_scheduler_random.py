@@ -37,12 +37,18 @@ def test_random_streams_never_leak_blocks(seed: int) -> None:
         op = rng.random()
         if op < 0.35:
             prompt = [*rng.choice(PREFIXES), *[500 + n] * rng.randint(0, 20)][: rng.randint(1, 30)]
-            seq = SeqState.new(f"r{n}", prompt, rng.randint(1, 12), stop_token_ids=[STOP])
+            seq = SeqState.new(
+                f"r{n}", prompt, rng.randint(1, 12), stop_token_ids=[STOP], priority=rng.randint(1, 4)
+            )
             try:
                 sched.add(seq)
             except AdmissionError:
                 continue
             added.append(seq)
+        elif op < 0.45:
+            # A pass given up part-way: scheduled, never recorded; the work is handed out again.
+            sched.schedule()
+            check_invariants(sched)
         elif op < 0.85:
             _, finished = step(sched, token)
             assert all(s.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) for s in finished)
