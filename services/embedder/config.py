@@ -55,11 +55,13 @@ class EmbedderConfig:
         max=4096,
     )
     dtype: str = setting(
-        "float32",
+        "auto",
         "Compute dtype of the forward pass. bfloat16 runs matmuls under autocast (norms and pooling "
         "stay float32): about twice as fast on a CPU with AVX512-BF16 or AMX and on recent GPUs, "
-        "vectors within cosine 0.9999 of float32 for this model; check yours before switching.",
-        choices=("float32", "bfloat16"),
+        "vectors within cosine 0.9999 of float32 for the default model (check another model "
+        "before relying on it). auto: bfloat16 where the device computes it in hardware, "
+        "float32 elsewhere.",
+        choices=("auto", "float32", "bfloat16"),
     )
     torch_threads: int = setting(0, "Threads torch computes with; 0 keeps torch's default.", min=0, max=1024)
     cache_entries: int = setting(

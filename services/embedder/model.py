@@ -19,7 +19,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from services.common.config import ConfigError
-from services.common.device import DeviceStats, device_stats, resolve_device, torch_dtype
+from services.common.device import DeviceStats, device_stats, native_bfloat16, resolve_device, torch_dtype
 from services.common.model_card import ModelCard
 from services.embedder.domain import Vector
 
@@ -76,12 +76,14 @@ class EmbeddingModel:
         *,
         encode_batch_size: int = 64,
         threads: int = 0,
-        compute_dtype: str = "float32",
+        compute_dtype: str = "auto",
     ) -> EmbeddingModel:
         folder = Path(path) if path else packaged_model_path()
         if not folder.is_dir():
             raise ConfigError(f"embedder.model_path={path!r}: not a folder")
         resolved = resolve_device(device, "embedder.device")
+        if compute_dtype == "auto":
+            compute_dtype = "bfloat16" if native_bfloat16(resolved) else "float32"
         if threads:
             torch.set_num_threads(threads)
         st = _without_normalize(SentenceTransformer(str(folder), device=str(resolved), local_files_only=True))

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
+from services.common import device
 from services.common.config import ConfigError
-from services.common.device import device_stats, resolve_device, torch_dtype
+from services.common.device import device_stats, native_bfloat16, resolve_device, torch_dtype
 
 
 def test_auto_picks_what_exists() -> None:
@@ -45,3 +46,25 @@ def test_importing_device_stats_does_not_import_torch() -> None:
     code = "import sys, services.common.device, services.common.convert; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ({"avx512f", "avx512_bf16"}, True),
+        ({"amx_tile", "amx_bf16"}, True),
+        ({"avx2", "avx512f"}, False),
+        (set(), False),
+    ],
+)
+def test_native_bfloat16_on_cpu_follows_the_cpu_flags(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], native: bool
+) -> None:
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset(flags))
+    assert native_bfloat16(torch.device("cpu")) is native
+
+
+def test_cpu_flags_read_this_machine() -> None:
+    with open("/proc/cpuinfo") as f:
+        listed = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    assert device.cpu_flags() == frozenset(listed)
