@@ -70,6 +70,9 @@ class LoadSnapshot:
     prefill_tokens_per_s: float = 0.0
     items_per_s: float = 0.0
     draining: bool = False
+    # Decode step seconds = fixed + per_sequence * batch, as the worker measured it (0: not yet).
+    decode_step_fixed_s: float = 0.0
+    decode_step_per_sequence_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,13 @@ class Candidate:
     """A usable endpoint serving the requested model, as the registry last saw it."""
 
     address: str
-    load: int = 0  # sequences waiting + running, as last reported
+    load: int = 0  # sequences waiting + running, as last reported, plus requests placed since
     backlog_tokens: int = 0  # reported running + waiting tokens, plus tokens placed since
     decode_tokens_per_s: float = 0.0  # measured; 0 = not measured yet
     prefill_tokens_per_s: float = 0.0
+    # Measured decode step seconds = fixed + per_sequence * batch; both 0 = not measured yet.
+    decode_step_fixed_s: float = 0.0
+    decode_step_per_sequence_s: float = 0.0
     device_type: str = ""
     memory_total_bytes: int = 0
     context_length: int = 0  # of the requested model on this endpoint; 0 = unknown
@@ -53,6 +56,10 @@ class Priors:
     prefill_tokens_per_s: float = 500.0
     # Reports that give sequence counts but no token counts: tokens assumed per sequence.
     tokens_per_sequence: int = 256
+    # A step model whose batch has not varied yet (per-sequence cost unknown): the cost of one
+    # more sequence, as a share of the fixed cost (about what a CPU shows; a GPU is far lower,
+    # and its own measurement replaces this as soon as its batch varies).
+    per_sequence_share: float = 0.1
 
 
 class PlacementPolicy(Protocol):
@@ -84,12 +91,20 @@ def fitting(candidates: Sequence[Candidate], needs: HardwareNeeds) -> tuple[list
 
 
 def predicted_seconds(candidate: Candidate, ask: Ask, priors: Priors) -> float:
-    """Time until `ask` would finish on `candidate`: its backlog drains first, then ours runs.
+    """Time until `ask` would finish on `candidate`.
 
-    Decode speed is the endpoint's aggregate throughput, so backlog and own tokens share it.
+    With a measured step model: the request joins the running batch and decodes a token a
+    step, each step as long as the model says for the batch with it. (An aggregate speed would
+    not do: measured at the current batch, it makes a worker given fewer streams look slower.)
+    Before one: the endpoint's backlog drains at its aggregate speed, then ours runs.
     """
-    decode = candidate.decode_tokens_per_s or priors.decode_tokens_per_s
     prefill = candidate.prefill_tokens_per_s or priors.prefill_tokens_per_s
+    fixed, per_sequence = candidate.decode_step_fixed_s, candidate.decode_step_per_sequence_s
+    if fixed > 0 or per_sequence > 0:
+        per_sequence = per_sequence or fixed * priors.per_sequence_share
+        step_s = fixed + per_sequence * (candidate.load + 1)
+        return max(1, ask.max_tokens) * step_s + ask.prompt_tokens / prefill
+    decode = candidate.decode_tokens_per_s or priors.decode_tokens_per_s
     backlog = candidate.backlog_tokens
     if backlog == 0 and candidate.load:
         backlog = candidate.load * priors.tokens_per_sequence

@@ -28,10 +28,13 @@ class EndpointState:
     reported_at: float | None = None  # clock reading when the latest report arrived
     error: str = "not reached yet"
     placed_tokens: int = 0  # tokens placed here since the latest report (it cannot know them yet)
+    placed_requests: int = 0  # and the requests they belong to
     reports: int = 0  # reports received; tells whether one came after a placement
     # Latest non-zero speeds: an idle endpoint reports 0 but has not become slow.
     decode_tokens_per_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
+    # Latest measured decode step model (fixed, per sequence), seconds; (0, 0) = not yet.
+    step_model: tuple[float, float] = (0.0, 0.0)
     errors: int = 0  # consecutive failed requests
     ejected_until: float = 0.0
     retired: bool = False  # left service discovery: no new requests, not listed
@@ -89,6 +92,7 @@ class Registry:
         state.load = load
         state.reported_at = now
         state.placed_tokens = 0
+        state.placed_requests = 0
         state.reports += 1
         state.waiting.append((now, load.waiting_tokens))
         while len(state.waiting) > 1 and state.waiting[0][0] < now - self.waiting_window_s:
@@ -97,6 +101,8 @@ class Registry:
             state.decode_tokens_per_s = load.decode_tokens_per_s
         if load.prefill_tokens_per_s > 0:
             state.prefill_tokens_per_s = load.prefill_tokens_per_s
+        if load.decode_step_fixed_s > 0 or load.decode_step_per_sequence_s > 0:
+            state.step_model = (load.decode_step_fixed_s, load.decode_step_per_sequence_s)
         if load.models:
             state.models = load.models
 
@@ -115,6 +121,7 @@ class Registry:
         """Count tokens placed here until a report covers them; returns the report count now."""
         state = self._endpoints[address]
         state.placed_tokens += tokens
+        state.placed_requests += 1
         return state.reports
 
     def on_released(self, address: str, tokens: int, reports_at_placement: int) -> None:
@@ -123,6 +130,7 @@ class Registry:
         state = self._endpoints[address]
         if state.reports == reports_at_placement:
             state.placed_tokens = max(0, state.placed_tokens - tokens)
+            state.placed_requests = max(0, state.placed_requests - 1)
 
     def on_error(self, address: str, now: float) -> bool:
         """A request failed there; True when this ejects it (again, if it was being probed)."""
@@ -234,9 +242,11 @@ class Registry:
 def _candidate(state: EndpointState, load: LoadSnapshot, model: ModelSpec) -> Candidate:
     return Candidate(
         address=state.address,
-        load=load.waiting + load.running,
+        load=load.waiting + load.running + state.placed_requests,
         backlog_tokens=load.running_tokens + load.waiting_tokens + state.placed_tokens,
         decode_tokens_per_s=state.decode_tokens_per_s,
+        decode_step_fixed_s=state.step_model[0],
+        decode_step_per_sequence_s=state.step_model[1],
         prefill_tokens_per_s=state.prefill_tokens_per_s,
         device_type=load.device.type,
         memory_total_bytes=load.device.memory_total_bytes,

@@ -101,4 +101,6 @@ def load_to_pb(snap: LoadSnapshot) -> common_pb2.LoadReport:
         kv_blocks_free=e.kv_blocks_free,
         kv_blocks_total=e.kv_blocks_total,
         prefix_cache_hit_rate=e.prefix_cache_hit_rate,
+        decode_step_fixed_s=e.decode_step_fixed_s,
+        decode_step_per_sequence_s=e.decode_step_per_sequence_s,
     )

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 
 from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.worker.core.scheduler import AdmissionError, Scheduler
-from services.worker.meter import SpeedMeter
+from services.worker.meter import SpeedMeter, StepTimeModel
 from services.worker.sequence import Delta, Finish, GenSequence
 from services.worker.step import StepExecutor, StepResult, run_step, state_for
 
@@ -52,6 +52,8 @@ class EngineLoad:
     kv_blocks_free: int = 0
     kv_blocks_total: int = 0
     prefix_cache_hit_rate: float = 0.0
+    decode_step_fixed_s: float = 0.0
+    decode_step_per_sequence_s: float = 0.0
 
 
 class RequestHandle:
@@ -116,6 +118,7 @@ class Engine:
         self.draining = False
         self.decode_meter = SpeedMeter()
         self.prefill_meter = SpeedMeter()
+        self.step_model = StepTimeModel()
         # Forward passes finished so far; the health probe reads progress from it.
         self.passes = 0
         self.preemptions = 0
@@ -164,6 +167,7 @@ class Engine:
 
     def load(self) -> EngineLoad:
         blocks = self._scheduler.blocks
+        step_fixed_s, step_per_sequence_s = self.step_model.fit()
         running = self._running_seqs()
         # Cancelled requests stay queued until the loop reaches them, but are no work.
         waiting = [h.seq for h in self._waiting_handles() if not h.cancelled]
@@ -178,6 +182,8 @@ class Engine:
             kv_blocks_free=blocks.num_free_blocks,
             kv_blocks_total=blocks.num_blocks,
             prefix_cache_hit_rate=blocks.prefix_hit_rate,
+            decode_step_fixed_s=step_fixed_s,
+            decode_step_per_sequence_s=step_per_sequence_s,
         )
 
     def drain(self) -> None:
@@ -272,6 +278,8 @@ class Engine:
         self.passes += 1
         self.preemptions += result.preempted
         total = result.prefill_tokens + result.decode_tokens
+        if result.decode_tokens and not result.prefill_tokens:
+            self.step_model.add(result.decode_tokens, seconds)
         if total:
             # One pass computes both kinds; each meter gets the share of the time its tokens took.
             self.prefill_meter.add(result.prefill_tokens, seconds * result.prefill_tokens / total)

@@ -91,6 +91,49 @@ def test_work_splits_in_proportion_to_measured_speed(speeds: tuple[float, float]
     assert share_a == pytest.approx(speeds[0] / sum(speeds), abs=0.01)
 
 
+def test_a_step_model_predicts_decoding_alongside_the_running_batch() -> None:
+    ask = Ask(prompt_tokens=200, max_tokens=100)
+    worker = endpoint(
+        "a", load=7, decode_step_fixed_s=0.05, decode_step_per_sequence_s=0.004, prefill_tokens_per_s=400.0
+    )
+    # Joins a batch of 8: 100 steps of 0.05 + 8 * 0.004 s, after its prompt.
+    assert predicted_seconds(worker, ask, PRIORS) == pytest.approx(100 * (0.05 + 8 * 0.004) + 200 / 400)
+    # Growth not measured yet (the batch never varied): the prior share of the fixed cost.
+    flat = replace(worker, decode_step_per_sequence_s=0.0)
+    assert predicted_seconds(flat, ask, PRIORS) == pytest.approx(
+        100 * (0.05 * (1 + 8 * PRIORS.per_sequence_share)) + 200 / 400
+    )
+
+
+def test_a_worker_with_fewer_streams_does_not_look_slower() -> None:
+    # The aggregate speed of a worker running 2 streams is lower than that of one running 16,
+    # but a request placed on it finishes sooner: the step model sees that.
+    policy = PredictedCompletion(PRIORS)
+    light = endpoint("light", load=2, decode_tokens_per_s=30.0, decode_step_fixed_s=0.06)
+    heavy = endpoint("heavy", load=16, decode_tokens_per_s=120.0, decode_step_fixed_s=0.06)
+    light = replace(light, decode_step_per_sequence_s=0.004)
+    heavy = replace(heavy, decode_step_per_sequence_s=0.004)
+    assert policy.choose([heavy, light], Ask(max_tokens=32)).address == "light"
+
+
+@pytest.mark.parametrize(("fast", "slow"), [((0.02, 0.002), (0.04, 0.004)), ((0.05, 0.001), (0.05, 0.005))])
+def test_streams_settle_where_steps_take_equally_long(
+    fast: tuple[float, float], slow: tuple[float, float]
+) -> None:
+    policy = PredictedCompletion(PRIORS)
+    by_address = {
+        "fast": endpoint("fast", decode_step_fixed_s=fast[0], decode_step_per_sequence_s=fast[1]),
+        "slow": endpoint("slow", decode_step_fixed_s=slow[0], decode_step_per_sequence_s=slow[1]),
+    }
+    for _ in range(60):
+        picked = policy.choose(list(by_address.values()), Ask(max_tokens=16))
+        by_address[picked.address] = replace(picked, load=picked.load + 1)
+    steps = {a: c.decode_step_fixed_s + c.decode_step_per_sequence_s * c.load for a, c in by_address.items()}
+    # Each new stream went where its steps were shortest: the two end within one stream's cost.
+    assert abs(steps["fast"] - steps["slow"]) <= max(fast[1], slow[1])
+    assert by_address["fast"].load > by_address["slow"].load
+
+
 def test_equal_endpoints_rotate() -> None:
     policy = PredictedCompletion(PRIORS)
     candidates = [endpoint("a"), endpoint("b"), endpoint("c")]

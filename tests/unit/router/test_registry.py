@@ -155,6 +155,27 @@ def test_released_before_any_report_stops_counting() -> None:
     assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].backlog_tokens == 7  # never below
 
 
+def test_requests_placed_since_the_report_count_in_the_load() -> None:
+    registry = make_registry("w")
+    bring_up(registry, "w", now=0.0, running=3)
+    placed = registry.on_placed("w", 5)
+    registry.on_placed("w", 7)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0)[0].load == 5
+    registry.on_released("w", 5, placed)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0)[0].load == 4
+    registry.on_report("w", LoadSnapshot(running=4), 0.1)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].load == 4
+
+
+def test_idle_report_keeps_the_last_step_model() -> None:
+    registry = make_registry("w")
+    registry.on_info("w", "id-w", (CHAT,))
+    registry.on_report("w", LoadSnapshot(decode_step_fixed_s=0.05, decode_step_per_sequence_s=0.004), 0.0)
+    registry.on_report("w", LoadSnapshot(), 0.1)
+    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 0.1)
+    assert (candidate.decode_step_fixed_s, candidate.decode_step_per_sequence_s) == (0.05, 0.004)
+
+
 def test_idle_report_keeps_the_last_measured_speed() -> None:
     registry = make_registry("w")
     bring_up(registry, "w", now=0.0, decode_tokens_per_s=30)

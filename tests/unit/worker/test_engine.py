@@ -165,6 +165,16 @@ async def test_a_pass_towards_an_urgent_first_token_is_not_given_up_for_another(
     assert executor.interrupted == []
 
 
+async def test_load_reports_the_decode_step_model(engine_with) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_with(ScriptedExecutor(step_s=0.01))
+    assert (engine.load().decode_step_fixed_s, engine.load().decode_step_per_sequence_s) == (0.0, 0.0)
+    await asyncio.gather(*(collect(engine, make_seq(f"q{i}", max_new=3 + 2 * i)) for i in range(4)))
+    load = engine.load()
+    # Steps of 4, 3, 2 and 1 sequences took about as long each (the scripted pass ignores the batch).
+    assert load.decode_step_fixed_s + 4 * load.decode_step_per_sequence_s == pytest.approx(0.01, abs=0.01)
+    assert load.decode_step_fixed_s > 0
+
+
 async def test_abandoned_stream_frees_its_blocks_within_a_step(engine_with) -> None:  # type: ignore[no-untyped-def]
     executor = ScriptedExecutor(step_s=0.01)
     engine = engine_with(executor)
