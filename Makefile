@@ -87,7 +87,8 @@ lint: proto
 		services/router/degradation.py services/router/registry.py services/session/window.py services/session/pg_append.py \
 		services/router/rbac.py services/common/apikeys.py services/router/quotas.py services/router/guardrails \
 		services/router/catalog.py services/router/reply_cache.py \
-		services/embedder/batching.py services/embedder/meter.py services/embedder/health.py
+		services/embedder/batching.py services/embedder/meter.py services/embedder/health.py \
+		services/common/liveness.py
 
 # Prometheus and promtool for the observability tests: Debian's package, only when missing.
 # Without root or apt the tests that need them skip and say why.

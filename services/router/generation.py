@@ -117,7 +117,10 @@ class Generation:
     def _capacity(self) -> Capacity:
         registry = self.endpoints.registry
         workers, tokens_per_s = registry.throughput(
-            EndpointKind.WORKER, self.endpoints.clock(), self.config.prior_decode_tokens_per_s
+            EndpointKind.WORKER,
+            self.endpoints.clock(),
+            self.config.prior_decode_tokens_per_s,
+            self.config.max_streams_per_worker,
         )
         slots = workers * self.config.max_streams_per_worker
         return Capacity(slots, tokens_per_s, math.ceil(slots * self.config.priority_headroom))
@@ -126,7 +129,12 @@ class Generation:
         """Tokens a new request of `priority` waits behind (queued at the workers, and in this
         router's queue at its class or above) and how fast they go."""
         registry, now = self.endpoints.registry, self.endpoints.clock()
-        _, tokens_per_s = registry.throughput(EndpointKind.WORKER, now, self.config.prior_decode_tokens_per_s)
+        _, tokens_per_s = registry.throughput(
+            EndpointKind.WORKER,
+            now,
+            self.config.prior_decode_tokens_per_s,
+            self.config.max_streams_per_worker,
+        )
         queued = self.admission.queue.queued_tokens(priority)
         return Load(registry.waiting_tokens(EndpointKind.WORKER, now) + queued, tokens_per_s)
 

@@ -90,6 +90,12 @@ def fitting(candidates: Sequence[Candidate], needs: HardwareNeeds) -> tuple[list
     return kept, reasons
 
 
+def step_seconds(fixed: float, per_sequence: float, batch: int, priors: Priors) -> float:
+    """A decode step at `batch` sequences by a measured step model (per_sequence 0: not
+    measured yet, the prior share of the fixed cost stands in)."""
+    return fixed + (per_sequence or fixed * priors.per_sequence_share) * batch
+
+
 def predicted_seconds(candidate: Candidate, ask: Ask, priors: Priors) -> float:
     """Time until `ask` would finish on `candidate`.
 
@@ -101,8 +107,7 @@ def predicted_seconds(candidate: Candidate, ask: Ask, priors: Priors) -> float:
     prefill = candidate.prefill_tokens_per_s or priors.prefill_tokens_per_s
     fixed, per_sequence = candidate.decode_step_fixed_s, candidate.decode_step_per_sequence_s
     if fixed > 0 or per_sequence > 0:
-        per_sequence = per_sequence or fixed * priors.per_sequence_share
-        step_s = fixed + per_sequence * (candidate.load + 1)
+        step_s = step_seconds(fixed, per_sequence, candidate.load + 1, priors)
         return max(1, ask.max_tokens) * step_s + ask.prompt_tokens / prefill
     decode = candidate.decode_tokens_per_s or priors.decode_tokens_per_s
     backlog = candidate.backlog_tokens

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from services.router.catalog import merge
 from services.router.domain import EndpointKind, LoadSnapshot, ModelKind, ModelSpec
-from services.router.placement import Candidate
+from services.router.placement import Candidate, Priors, step_seconds
 
 
 @dataclass
@@ -62,6 +62,8 @@ class Registry:
         self._configured: tuple[ModelSpec, ...] = ()
         # Queued work counts as such once it lasted this long: a burst being admitted is not a queue.
         self.waiting_window_s = 0.0
+        # For step models whose growth per sequence is not measured yet (its share of the fixed cost).
+        self.priors = Priors()
 
     def add(self, address: str, kind: EndpointKind) -> None:
         if address in self._endpoints:
@@ -201,10 +203,21 @@ class Registry:
             if state.kind is kind and state.waiting and self._assess(state, now)[0]
         )
 
-    def throughput(self, kind: EndpointKind, now: float, prior_tokens_per_s: float) -> tuple[int, float]:
-        """Usable endpoints of `kind` and their summed decode speed (the prior where unmeasured)."""
+    def throughput(
+        self, kind: EndpointKind, now: float, prior_tokens_per_s: float, full_batch: int = 0
+    ) -> tuple[int, float]:
+        """Usable endpoints of `kind` and their summed decode speed when full: `full_batch`
+        sequences a step by their step models, where measured (a queue only forms once the
+        workers are full, and the rate a lightly loaded worker shows now is far below that);
+        else their reported speed, or the prior where unmeasured."""
         usable = [s for s in self._endpoints.values() if s.kind is kind and self._assess(s, now)[0]]
-        return len(usable), sum(s.decode_tokens_per_s or prior_tokens_per_s for s in usable)
+        return len(usable), sum(self._full_speed(s, full_batch) or prior_tokens_per_s for s in usable)
+
+    def _full_speed(self, state: EndpointState, full_batch: int) -> float:
+        fixed, per_sequence = state.step_model
+        if full_batch and (fixed > 0 or per_sequence > 0):
+            return full_batch / step_seconds(fixed, per_sequence, full_batch, self.priors)
+        return state.decode_tokens_per_s
 
     def describe(self, kind: EndpointKind, now: float) -> str:
         """One line per endpoint of `kind` saying why it is (not) usable, for error messages."""

@@ -64,15 +64,23 @@ def _report() -> common_pb2.LoadReport:
 
 @pytest.fixture
 async def server() -> AsyncIterator[GrpcServer]:
-    srv = GrpcServer(
-        host="127.0.0.1",
-        port=0,
-        service_names=[SERVICE],
-        register=_register,
-        metrics_port=_free_port(),
-        collectors=[LoadReportCollector(_report)],
-    )
-    await srv.start()
+    # A free port can be taken by another process before the metrics server binds it: try again.
+    for attempt in range(5):
+        srv = GrpcServer(
+            host="127.0.0.1",
+            port=0,
+            service_names=[SERVICE],
+            register=_register,
+            metrics_port=_free_port(),
+            collectors=[LoadReportCollector(_report)],
+        )
+        try:
+            await srv.start()
+            break
+        except OSError:
+            await srv.stop(0)
+            if attempt == 4:
+                raise
     assert srv.metrics.serving
     yield srv
     await srv.stop(0)

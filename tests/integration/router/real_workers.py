@@ -169,6 +169,59 @@ async def run_conversations(
     return AffinityRun(session_affinity, sessions * turns, hits, queried, moved)
 
 
+async def stays_when_its_worker_gets_busy(
+    workers: list[RealWorker], *, session_affinity: bool, streams: int = 6
+) -> bool:
+    """A session's first turn; then `streams` long streams straight to the worker that served
+    it, until the router sees them; then the session's second turn. Whether it stayed."""
+    store_server = await start_fake(FakeSessionStore())
+    router = await start_router(
+        worker_addresses=[w.address for w in workers],
+        session_address=store_server.address,
+        session_affinity=session_affinity,
+        affinity_factor=3.0,
+    )
+    hogs: list[asyncio.Task[int]] = []
+    try:
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.InferenceStub(channel)
+            await wait_healthy(stub, {w.address for w in workers})
+            session = await stub.CreateSession(router_pb2.CreateSessionRequest(user_id="busy"), timeout=10)
+            first = await _turn(stub, session.session_id, _user_text("tides", 0), 8)
+            busy = next(w for w in workers if w.address == first)
+            hogs = [
+                asyncio.create_task(
+                    busy._generated(
+                        GenerateRequest(
+                            request_id=f"hog-{i}",
+                            prompt_token_ids=tuple(range(100 + i, 120 + i)),
+                            max_tokens=500,
+                            sampling=SamplingParams(temperature=0.0, ignore_eos=True),
+                        )
+                    )
+                )
+                for i in range(streams)
+            ]
+            deadline = time.monotonic() + 10
+            while await _running(stub, first) < streams:
+                assert time.monotonic() < deadline, "the router never saw the worker busy"
+                await asyncio.sleep(0.05)
+            second = await _turn(stub, session.session_id, _user_text("tides", 1), 8)
+    finally:
+        for hog in hogs:
+            hog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hog
+        await router.stop(0)
+        await store_server.stop(0)
+    return second == first
+
+
+async def _running(stub: router_pb2_grpc.InferenceStub, address: str) -> int:
+    status = await stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5)
+    return next((e.load.running for e in status.endpoints if e.address == address), 0)
+
+
 @dataclasses.dataclass
 class SpeedSplit:
     """How requests of one size split between workers, against their reported speeds."""

@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from tests.integration.router.helpers import router_for, wait_healthy
-from tests.integration.router.real_workers import RealWorker, real_workers, run_conversations, split_by_speed
+from tests.integration.router.real_workers import (
+    RealWorker,
+    real_workers,
+    run_conversations,
+    split_by_speed,
+    stays_when_its_worker_gets_busy,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +41,20 @@ async def test_session_affinity_turns_history_into_prefix_cache_hits(two_workers
             f"({run.hit_tokens}/{run.prompt_tokens} prompt tokens), {run.moved} of "
             f"{run.turns - shape['sessions']} later turns moved to the other worker"
         )
-    # Without affinity a turn stays on its worker only when load happens to put it there.
-    assert with_affinity.moved < without.moved
     # The hit ratios are printed, not held to a margin: in this setting (six concurrent
-    # sessions, short replies, two workers on two shared cores) runs measured 0.58-0.62 with
-    # affinity and 0.52-0.58 without, so only "not worse" is asserted.
+    # sessions in step, short replies, two equal workers) load alone tends to put each turn
+    # back where the last one ran, so only "not worse" is asserted; the test below shows what
+    # affinity does when load pulls the other way.
+    assert with_affinity.moved == 0
     assert with_affinity.hit_ratio >= without.hit_ratio - 0.03
+
+
+async def test_affinity_keeps_a_turn_on_its_busier_worker_within_the_factor(
+    two_workers: list[RealWorker],
+) -> None:
+    # Its worker busy with six long streams: slower for the next turn, but not 3x (affinity_factor).
+    assert await stays_when_its_worker_gets_busy(two_workers, session_affinity=True)
+    assert not await stays_when_its_worker_gets_busy(two_workers, session_affinity=False)
 
 
 async def test_work_splits_in_proportion_to_measured_speed() -> None:

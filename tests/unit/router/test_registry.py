@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from services.router.domain import DeviceSpec, EndpointKind, LoadSnapshot, ModelKind, ModelSpec
 from services.router.placement import Candidate
 from services.router.registry import Registry
@@ -174,6 +176,23 @@ def test_idle_report_keeps_the_last_step_model() -> None:
     registry.on_report("w", LoadSnapshot(), 0.1)
     [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 0.1)
     assert (candidate.decode_step_fixed_s, candidate.decode_step_per_sequence_s) == (0.05, 0.004)
+
+
+def test_throughput_when_full_comes_from_the_step_model_where_measured() -> None:
+    registry = make_registry("measured", "rate-only", "new")
+    for address in ("measured", "rate-only", "new"):
+        registry.on_info(address, f"id-{address}", (CHAT,))
+    registry.on_report(
+        "measured",
+        LoadSnapshot(decode_tokens_per_s=20.0, decode_step_fixed_s=0.04, decode_step_per_sequence_s=0.002),
+        0.0,
+    )
+    registry.on_report("rate-only", LoadSnapshot(decode_tokens_per_s=30.0), 0.0)
+    registry.on_report("new", LoadSnapshot(), 0.0)
+    workers, speed = registry.throughput(EndpointKind.WORKER, 0.0, prior_tokens_per_s=10.0, full_batch=16)
+    # 16 sequences a step of 0.04 + 16 * 0.002 s; the reported rate; the prior.
+    assert workers == 3 and speed == pytest.approx(16 / 0.072 + 30.0 + 10.0)
+    assert registry.throughput(EndpointKind.WORKER, 0.0, 10.0)[1] == pytest.approx(20.0 + 30.0 + 10.0)
 
 
 def test_idle_report_keeps_the_last_measured_speed() -> None:
