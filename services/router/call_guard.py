@@ -14,14 +14,10 @@ from services.common.telemetry import span
 from services.router import audit
 from services.router.guardrails import policy
 from services.router.metrics import GUARDRAIL_HITS
+from services.router.prompt_tokens import rough_tokens
 from services.router.quota_store import Quotas, Reservation
 
 _CHECKED_ROLES = (common_pb2.ROLE_USER, common_pb2.ROLE_TOOL, common_pb2.ROLE_UNSPECIFIED)
-
-
-def estimate_tokens(chars: int) -> int:
-    """About four characters a token in English; the quota settles to the real count later."""
-    return chars // 4 + 1
 
 
 class CallGuard:
@@ -83,7 +79,7 @@ class CallGuard:
     ) -> AsyncIterator[Any]:
         chars = self._check_generate_input(request, tenant, key_prefix, method)
         reservation = await self._reserve(
-            tenant, key_prefix, method, estimate_tokens(chars) + self._max_tokens(request)
+            tenant, key_prefix, method, rough_tokens(chars) + self._max_tokens(request)
         )
         redactor = policy.OutputRedactor(self.guardrails.pii_kinds) if self.guardrails.pii_output else None
         used: int | None = None
@@ -119,7 +115,7 @@ class CallGuard:
             raise self._blocked(
                 policy.Blocked(policy.INPUT_SIZE, "inputs", reason), tenant, key_prefix, method
             )
-        reservation = await self._reserve(tenant, key_prefix, method, estimate_tokens(chars))
+        reservation = await self._reserve(tenant, key_prefix, method, rough_tokens(chars))
         used = 0
         try:
             response = await run()

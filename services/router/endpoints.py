@@ -60,6 +60,7 @@ class Placement:
     address: str
     tokens: int
     reports: int  # the endpoint's report count when placed (see Registry.on_released)
+    prompt_tokens: int = 0
 
 
 class Backoff:
@@ -192,11 +193,14 @@ class EndpointMonitor:
             )
         address = self.policy.choose(fit, ask).address
         tokens = ask.prompt_tokens + ask.max_tokens
-        return Placement(address, tokens, self.registry.on_placed(address, tokens))
+        reports = self.registry.on_placed(address, tokens, ask.prompt_tokens)
+        return Placement(address, tokens, reports, ask.prompt_tokens)
 
     def release(self, placement: Placement) -> None:
         """The request placed by `placement` is over (finished, failed or cancelled)."""
-        self.registry.on_released(placement.address, placement.tokens, placement.reports)
+        self.registry.on_released(
+            placement.address, placement.tokens, placement.reports, placement.prompt_tokens
+        )
 
     async def dispatch(
         self,

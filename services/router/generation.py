@@ -9,7 +9,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -25,6 +25,7 @@ from services.router.catalog import AUTO, TIERS, auto_quality, pick_auto
 from services.router.config import RouterConfig
 from services.router.degradation import LadderConfig, Load
 from services.router.domain import (
+    ChatTurn,
     Degradation,
     DegradationStep,
     EndpointKind,
@@ -38,6 +39,7 @@ from services.router.history import merge_history, turns_to_append
 from services.router.metrics import FAILOVERS
 from services.router.overload import Overload, cached_reply, cached_stream
 from services.router.placement import Ask, HardwareNeeds
+from services.router.prompt_tokens import PromptTokens, rough_tokens
 from services.router.queues import (
     Priority,
     QueueConfig,
@@ -78,6 +80,7 @@ class _Turn:
     window: list[HistoryMessage] = field(default_factory=list)
     degraded: list[Degradation] = field(default_factory=list)
     record: bool = False  # the window was read, so the turn is appended at the end
+    prompt_chars: int = 0  # of the prompt as sent to the worker (history included)
 
 
 class Generation:
@@ -88,6 +91,8 @@ class Generation:
         self.endpoints = endpoints
         self.sessions = sessions
         self._background: set[asyncio.Task[Degradation | None]] = set()
+        # Prompt tokens as the workers count them (chat template included), learnt per model.
+        self.prompt_tokens = PromptTokens()
         self.limits = GenerateLimits(
             default_max_tokens=config.default_max_tokens,
             max_tokens_limit=config.max_tokens_limit,
@@ -156,8 +161,9 @@ class Generation:
         worker_req = convert.worker_request_to_pb(
             req, request_id, resolved.model.id, messages, resolved.max_tokens
         )
+        turn.prompt_chars = prompt_chars(params.prompt, messages)
         ask = Ask(
-            prompt_tokens=estimate_tokens(params.prompt or "", *(m.content for m in messages)),
+            prompt_tokens=self.prompt_tokens.estimate(resolved.model.id, turn.prompt_chars),
             max_tokens=resolved.max_tokens,
             session_id=params.session_id,
             needs=HardwareNeeds(
@@ -209,7 +215,7 @@ class Generation:
         served = [
             m for m in registry.catalog(ModelKind.CHAT) if registry.candidates(EndpointKind.WORKER, m.id, now)
         ]
-        prompt_tokens = estimate_tokens(params.prompt or "", *(m.content for m in params.messages))
+        prompt_tokens = rough_tokens(prompt_chars(params.prompt, params.messages))
         max_tokens = params.max_tokens or self.config.default_max_tokens
         picked = pick_auto(quality, prompt_tokens, max_tokens, served, self.config.auto_long_prompt_tokens)
         if picked is None:
@@ -262,6 +268,8 @@ class Generation:
                     out.degraded.append(convert.degradation_to_pb(relayed.moved))
                 reply.append(resp.text)
                 token_ids.extend(resp.token_ids)
+                if convert.is_final(resp) and resp.usage.prompt_tokens:
+                    self.prompt_tokens.observe(model_id, turn.prompt_chars, resp.usage.prompt_tokens)
                 if convert.is_final(resp) and convert.finished_normally(resp):
                     if cache_key is not None:
                         self.overload.remember(
@@ -315,6 +323,5 @@ class Generation:
         return Degradation(DegradationStep.HISTORY_UNAVAILABLE, f"the turn was not recorded: {reason}")
 
 
-def estimate_tokens(*texts: str) -> int:
-    """Rough token count for placement only: about four characters a token in English."""
-    return sum(len(t) for t in texts) // 4
+def prompt_chars(prompt: str | None, messages: Sequence[HistoryMessage | ChatTurn]) -> int:
+    return len(prompt or "") + sum(len(m.content) for m in messages)

@@ -21,6 +21,7 @@ class Candidate:
     address: str
     load: int = 0  # sequences waiting + running, as last reported, plus requests placed since
     backlog_tokens: int = 0  # reported running + waiting tokens, plus tokens placed since
+    pending_prompt_tokens: int = 0  # prompts placed since the report: prefilled before ours, or with it
     decode_tokens_per_s: float = 0.0  # measured; 0 = not measured yet
     prefill_tokens_per_s: float = 0.0
     # Measured decode step seconds = fixed + per_sequence * batch; both 0 = not measured yet.
@@ -99,16 +100,19 @@ def step_seconds(fixed: float, per_sequence: float, batch: int, priors: Priors) 
 def predicted_seconds(candidate: Candidate, ask: Ask, priors: Priors) -> float:
     """Time until `ask` would finish on `candidate`.
 
-    With a measured step model: the request joins the running batch and decodes a token a
-    step, each step as long as the model says for the batch with it. (An aggregate speed would
-    not do: measured at the current batch, it makes a worker given fewer streams look slower.)
-    Before one: the endpoint's backlog drains at its aggregate speed, then ours runs.
+    With a measured step model: the prompts placed there since its report and ours are
+    prefilled, then the request joins the running batch and decodes a token a step, each step
+    as long as the model says for the batch with it. (An aggregate speed would not do: measured
+    at the current batch, it makes a worker given fewer streams look slower.) Before one: the
+    endpoint's backlog drains at its aggregate speed, then ours runs.
     """
     prefill = candidate.prefill_tokens_per_s or priors.prefill_tokens_per_s
     fixed, per_sequence = candidate.decode_step_fixed_s, candidate.decode_step_per_sequence_s
     if fixed > 0 or per_sequence > 0:
         step_s = step_seconds(fixed, per_sequence, candidate.load + 1, priors)
-        return max(1, ask.max_tokens) * step_s + ask.prompt_tokens / prefill
+        return (
+            max(1, ask.max_tokens) * step_s + (candidate.pending_prompt_tokens + ask.prompt_tokens) / prefill
+        )
     decode = candidate.decode_tokens_per_s or priors.decode_tokens_per_s
     backlog = candidate.backlog_tokens
     if backlog == 0 and candidate.load:

@@ -29,6 +29,7 @@ class EndpointState:
     error: str = "not reached yet"
     placed_tokens: int = 0  # tokens placed here since the latest report (it cannot know them yet)
     placed_requests: int = 0  # and the requests they belong to
+    placed_prompt_tokens: int = 0  # and their prompts (not prefilled yet, most likely)
     reports: int = 0  # reports received; tells whether one came after a placement
     # Latest non-zero speeds: an idle endpoint reports 0 but has not become slow.
     decode_tokens_per_s: float = 0.0
@@ -95,6 +96,7 @@ class Registry:
         state.reported_at = now
         state.placed_tokens = 0
         state.placed_requests = 0
+        state.placed_prompt_tokens = 0
         state.reports += 1
         state.waiting.append((now, load.waiting_tokens))
         while len(state.waiting) > 1 and state.waiting[0][0] < now - self.waiting_window_s:
@@ -119,20 +121,24 @@ class Registry:
         state.error = reason
         return was_up
 
-    def on_placed(self, address: str, tokens: int) -> int:
+    def on_placed(self, address: str, tokens: int, prompt_tokens: int = 0) -> int:
         """Count tokens placed here until a report covers them; returns the report count now."""
         state = self._endpoints[address]
         state.placed_tokens += tokens
         state.placed_requests += 1
+        state.placed_prompt_tokens += prompt_tokens
         return state.reports
 
-    def on_released(self, address: str, tokens: int, reports_at_placement: int) -> None:
+    def on_released(
+        self, address: str, tokens: int, reports_at_placement: int, prompt_tokens: int = 0
+    ) -> None:
         """A placed request ended. If no report arrived since it was placed, none will ever
         count it, so stop counting it here (else sequential requests pile up phantom backlog)."""
         state = self._endpoints[address]
         if state.reports == reports_at_placement:
             state.placed_tokens = max(0, state.placed_tokens - tokens)
             state.placed_requests = max(0, state.placed_requests - 1)
+            state.placed_prompt_tokens = max(0, state.placed_prompt_tokens - prompt_tokens)
 
     def on_error(self, address: str, now: float) -> bool:
         """A request failed there; True when this ejects it (again, if it was being probed)."""
@@ -258,6 +264,7 @@ def _candidate(state: EndpointState, load: LoadSnapshot, model: ModelSpec) -> Ca
         load=load.waiting + load.running + state.placed_requests,
         backlog_tokens=load.running_tokens + load.waiting_tokens + state.placed_tokens,
         decode_tokens_per_s=state.decode_tokens_per_s,
+        pending_prompt_tokens=state.placed_prompt_tokens,
         decode_step_fixed_s=state.step_model[0],
         decode_step_per_sequence_s=state.step_model[1],
         prefill_tokens_per_s=state.prefill_tokens_per_s,

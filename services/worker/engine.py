@@ -186,6 +186,12 @@ class Engine:
             decode_step_per_sequence_s=step_per_sequence_s,
         )
 
+    def forget_speed(self) -> None:
+        """Drop what the meters measured so far (the warm-up pass pays one-time costs)."""
+        self.decode_meter = SpeedMeter()
+        self.prefill_meter = SpeedMeter()
+        self.step_model = StepTimeModel()
+
     def drain(self) -> None:
         """Refuse new requests from now on; queued and running ones still finish."""
         self.draining = True

@@ -117,6 +117,8 @@ class WorkerService:
         warmup = GenerateRequest(request_id="warmup", prompt_token_ids=(0,), max_tokens=1)
         async for _ in self.generate(warmup):
             pass
+        # The first pass is slow (lazy set-up): placement must not take it for this worker's speed.
+        self.engine.forget_speed()
         logger.info("engine warmed up", extra={"seconds": round(time.perf_counter() - started, 2)})
         self.health.start()
         return self

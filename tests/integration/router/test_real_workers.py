@@ -76,8 +76,9 @@ async def test_work_splits_in_proportion_to_measured_speed() -> None:
             f"ideal {split.ideal(a):.3f}, ratio {split.share(a) / split.ideal(a):.2f}; "
             f"alone with 4 streams {alone[a]:.1f} tokens/s, ideal {alone[a] / sum(alone.values()):.3f}"
         )
-    # Against what placement can know: the speeds in the load reports. Those are aggregate rates
-    # at each worker's own batch size, so they move with the share a worker gets (and with the
-    # other engineers' load on a shared CPU); the standalone figures are printed for comparison.
+    # Against the speeds each worker showed alone at the same load (4 streams). Placement by
+    # aggregate rate, which a worker given fewer streams shows lower, gave the faster float32
+    # worker 0.28 against 0.56 here; by measured step time it lands within a few hundredths.
     for worker in workers:
-        assert abs(split.share(worker.address) - split.ideal(worker.address)) <= 0.2, split
+        a = worker.address
+        assert abs(split.share(a) - alone[a] / sum(alone.values())) <= 0.15, (split, alone)

@@ -98,6 +98,11 @@ def test_a_step_model_predicts_decoding_alongside_the_running_batch() -> None:
     )
     # Joins a batch of 8: 100 steps of 0.05 + 8 * 0.004 s, after its prompt.
     assert predicted_seconds(worker, ask, PRIORS) == pytest.approx(100 * (0.05 + 8 * 0.004) + 200 / 400)
+    # Prompts placed there since its report are prefilled before (or with) ours.
+    queued = replace(worker, pending_prompt_tokens=600)
+    assert predicted_seconds(queued, ask, PRIORS) == pytest.approx(
+        predicted_seconds(worker, ask, PRIORS) + 600 / 400
+    )
     # Growth not measured yet (the batch never varied): the prior share of the fixed cost.
     flat = replace(worker, decode_step_per_sequence_s=0.0)
     assert predicted_seconds(flat, ask, PRIORS) == pytest.approx(

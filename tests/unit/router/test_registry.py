@@ -160,13 +160,16 @@ def test_released_before_any_report_stops_counting() -> None:
 def test_requests_placed_since_the_report_count_in_the_load() -> None:
     registry = make_registry("w")
     bring_up(registry, "w", now=0.0, running=3)
-    placed = registry.on_placed("w", 5)
-    registry.on_placed("w", 7)
-    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0)[0].load == 5
-    registry.on_released("w", 5, placed)
-    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0)[0].load == 4
+    placed = registry.on_placed("w", 5, prompt_tokens=2)
+    registry.on_placed("w", 7, prompt_tokens=3)
+    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 0.0)
+    assert (candidate.load, candidate.pending_prompt_tokens) == (5, 5)
+    registry.on_released("w", 5, placed, prompt_tokens=2)
+    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 0.0)
+    assert (candidate.load, candidate.pending_prompt_tokens) == (4, 3)
     registry.on_report("w", LoadSnapshot(running=4), 0.1)
-    assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].load == 4
+    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 0.1)
+    assert (candidate.load, candidate.pending_prompt_tokens) == (4, 0)
 
 
 def test_idle_report_keeps_the_last_step_model() -> None:

@@ -173,6 +173,9 @@ async def test_load_reports_the_decode_step_model(engine_with) -> None:  # type:
     # Steps of 4, 3, 2 and 1 sequences took about as long each (the scripted pass ignores the batch).
     assert load.decode_step_fixed_s + 4 * load.decode_step_per_sequence_s == pytest.approx(0.01, abs=0.01)
     assert load.decode_step_fixed_s > 0
+    engine.forget_speed()  # what the service does after its warm-up pass
+    load = engine.load()
+    assert (load.decode_step_fixed_s, load.decode_tokens_per_s, load.prefill_tokens_per_s) == (0, 0, 0)
 
 
 async def test_abandoned_stream_frees_its_blocks_within_a_step(engine_with) -> None:  # type: ignore[no-untyped-def]
