@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -27,7 +26,7 @@ from services.router import convert
 from services.router.domain import EndpointKind
 from services.router.metrics import FAILOVERS
 from services.router.placement import Ask, PlacementPolicy, create_placement_policy, fitting
-from services.router.registry import Registry
+from services.router.registry import Placed, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +52,8 @@ def channel_options(backoff_max_s: float) -> list[tuple[str, int]]:
     ]
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where one request went, and what it added to that endpoint's backlog."""
-
-    address: str
-    tokens: int
-    reports: int  # the endpoint's report count when placed (see Registry.on_released)
-    prompt_tokens: int = 0
+# Where one request went, and what it added to that endpoint's backlog.
+Placement = Placed
 
 
 class Backoff:
@@ -192,15 +185,11 @@ class EndpointMonitor:
                 f"model {model_id!r} has no {kind.value} that can hold the request ({'; '.join(reasons)})"
             )
         address = self.policy.choose(fit, ask).address
-        tokens = ask.prompt_tokens + ask.max_tokens
-        reports = self.registry.on_placed(address, tokens, ask.prompt_tokens)
-        return Placement(address, tokens, reports, ask.prompt_tokens)
+        return self.registry.on_placed(address, ask.prompt_tokens + ask.max_tokens, now, ask.prompt_tokens)
 
     def release(self, placement: Placement) -> None:
         """The request placed by `placement` is over (finished, failed or cancelled)."""
-        self.registry.on_released(
-            placement.address, placement.tokens, placement.reports, placement.prompt_tokens
-        )
+        self.registry.on_released(placement)
 
     async def dispatch(
         self,

@@ -17,6 +17,16 @@ from services.router.domain import EndpointKind, LoadSnapshot, ModelKind, ModelS
 from services.router.placement import Candidate, Priors, step_seconds
 
 
+@dataclass(eq=False)
+class Placed:
+    """One request placed on an endpoint: counted there until a report can show it."""
+
+    address: str
+    at: float  # clock reading when placed
+    tokens: int  # prompt + max tokens
+    prompt_tokens: int = 0
+
+
 @dataclass
 class EndpointState:
     address: str
@@ -27,10 +37,11 @@ class EndpointState:
     load: LoadSnapshot | None = None
     reported_at: float | None = None  # clock reading when the latest report arrived
     error: str = "not reached yet"
-    placed_tokens: int = 0  # tokens placed here since the latest report (it cannot know them yet)
-    placed_requests: int = 0  # and the requests they belong to
-    placed_prompt_tokens: int = 0  # and their prompts (not prefilled yet, most likely)
-    reports: int = 0  # reports received; tells whether one came after a placement
+    # Requests placed here that no report has shown yet (the endpoint cannot know them yet).
+    placed: list[Placed] = field(default_factory=list)
+    # Requests that the latest report still showed but that have ended since (it is up to a
+    # report interval old: a burst that follows one that just ended must not avoid this endpoint).
+    ended: int = 0
     # Latest non-zero speeds: an idle endpoint reports 0 but has not become slow.
     decode_tokens_per_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
@@ -63,6 +74,10 @@ class Registry:
         self._configured: tuple[ModelSpec, ...] = ()
         # Queued work counts as such once it lasted this long: a burst being admitted is not a queue.
         self.waiting_window_s = 0.0
+        # A request placed this long before a report is in it (on its way and admitted by then).
+        # Forgetting a placement at the first report after it instead would undercount an
+        # endpoint that a burst just reached, and the next requests would herd onto it.
+        self.report_lag_s = 0.05
         # For step models whose growth per sequence is not measured yet (its share of the fixed cost).
         self.priors = Priors()
 
@@ -94,10 +109,8 @@ class Registry:
         state = self._endpoints[address]
         state.load = load
         state.reported_at = now
-        state.placed_tokens = 0
-        state.placed_requests = 0
-        state.placed_prompt_tokens = 0
-        state.reports += 1
+        state.placed = [p for p in state.placed if p.at > now - self.report_lag_s]
+        state.ended = 0
         state.waiting.append((now, load.waiting_tokens))
         while len(state.waiting) > 1 and state.waiting[0][0] < now - self.waiting_window_s:
             state.waiting.popleft()
@@ -121,24 +134,23 @@ class Registry:
         state.error = reason
         return was_up
 
-    def on_placed(self, address: str, tokens: int, prompt_tokens: int = 0) -> int:
-        """Count tokens placed here until a report covers them; returns the report count now."""
-        state = self._endpoints[address]
-        state.placed_tokens += tokens
-        state.placed_requests += 1
-        state.placed_prompt_tokens += prompt_tokens
-        return state.reports
+    def on_placed(self, address: str, tokens: int, now: float, prompt_tokens: int = 0) -> Placed:
+        """Count a request placed here until a report can show it."""
+        placed = Placed(address, now, tokens, prompt_tokens)
+        self._endpoints[address].placed.append(placed)
+        return placed
 
-    def on_released(
-        self, address: str, tokens: int, reports_at_placement: int, prompt_tokens: int = 0
-    ) -> None:
-        """A placed request ended. If no report arrived since it was placed, none will ever
-        count it, so stop counting it here (else sequential requests pile up phantom backlog)."""
-        state = self._endpoints[address]
-        if state.reports == reports_at_placement:
-            state.placed_tokens = max(0, state.placed_tokens - tokens)
-            state.placed_requests = max(0, state.placed_requests - 1)
-            state.placed_prompt_tokens = max(0, state.placed_prompt_tokens - prompt_tokens)
+    def on_released(self, placed: Placed) -> None:
+        """A placed request ended: if no report showed it yet, none will, so stop counting it
+        (else sequential requests pile up phantom backlog); if one did, discount it until the
+        next report."""
+        state = self._endpoints.get(placed.address)
+        if state is None:
+            return
+        if placed in state.placed:
+            state.placed.remove(placed)
+        else:
+            state.ended += 1
 
     def on_error(self, address: str, now: float) -> bool:
         """A request failed there; True when this ejects it (again, if it was being probed)."""
@@ -261,10 +273,10 @@ class Registry:
 def _candidate(state: EndpointState, load: LoadSnapshot, model: ModelSpec) -> Candidate:
     return Candidate(
         address=state.address,
-        load=load.waiting + load.running + state.placed_requests,
-        backlog_tokens=load.running_tokens + load.waiting_tokens + state.placed_tokens,
+        load=max(0, load.waiting + load.running - state.ended) + len(state.placed),
+        backlog_tokens=load.running_tokens + load.waiting_tokens + sum(p.tokens for p in state.placed),
         decode_tokens_per_s=state.decode_tokens_per_s,
-        pending_prompt_tokens=state.placed_prompt_tokens,
+        pending_prompt_tokens=sum(p.prompt_tokens for p in state.placed),
         decode_step_fixed_s=state.step_model[0],
         decode_step_per_sequence_s=state.step_model[1],
         prefill_tokens_per_s=state.prefill_tokens_per_s,

@@ -170,10 +170,12 @@ async def run_conversations(
 
 
 async def stays_when_its_worker_gets_busy(
-    workers: list[RealWorker], *, session_affinity: bool, streams: int = 6
+    workers: list[RealWorker], *, session_affinity: bool, streams: int = 12, max_tokens: int = 32
 ) -> bool:
     """A session's first turn; then `streams` long streams straight to the worker that served
-    it, until the router sees them; then the session's second turn. Whether it stayed."""
+    it, until the router sees them; then the session's second turn, `max_tokens` long (decoding
+    outweighs its prompt, so the noise in measured prefill speeds cannot decide). Whether it
+    stayed."""
     store_server = await start_fake(FakeSessionStore())
     router = await start_router(
         worker_addresses=[w.address for w in workers],
@@ -206,7 +208,7 @@ async def stays_when_its_worker_gets_busy(
             while await _running(stub, first) < streams:
                 assert time.monotonic() < deadline, "the router never saw the worker busy"
                 await asyncio.sleep(0.05)
-            second = await _turn(stub, session.session_id, _user_text("tides", 1), 8)
+            second = await _turn(stub, session.session_id, _user_text("tides", 1), max_tokens)
     finally:
         for hog in hogs:
             hog.cancel()

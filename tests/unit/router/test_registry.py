@@ -131,44 +131,69 @@ def test_candidate_carries_backlog_speed_device_and_context() -> None:
     )
 
 
-def test_placed_tokens_count_until_the_next_report() -> None:
+def test_placed_tokens_count_until_a_report_can_show_them() -> None:
     registry = make_registry("w")
     bring_up(registry, "w", now=0.0, running_tokens=10)
-    registry.on_placed("w", 5)
-    registry.on_placed("w", 7)
-    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0)[0].backlog_tokens == 22
-    registry.on_report("w", LoadSnapshot(running_tokens=20), 0.1)  # now includes what was placed
-    assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].backlog_tokens == 20
+    registry.on_placed("w", 5, now=1.0)
+    registry.on_placed("w", 7, now=1.0)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 1.0)[0].backlog_tokens == 22
+    registry.on_report("w", LoadSnapshot(running_tokens=20), 1.2)  # now includes what was placed
+    assert registry.candidates(EndpointKind.WORKER, "chat", 1.2)[0].backlog_tokens == 20
+
+
+def test_a_report_right_after_a_burst_does_not_forget_it() -> None:
+    # The burst's requests are still on their way: the report cannot show them yet, and
+    # forgetting them would make this endpoint look idle to the rest of the burst.
+    registry = make_registry("w")
+    bring_up(registry, "w", now=0.0)
+    for _ in range(8):
+        registry.on_placed("w", 10, now=1.0, prompt_tokens=4)
+    registry.on_report("w", LoadSnapshot(running=1), 1.0 + registry.report_lag_s / 2)
+    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 1.01)
+    assert (candidate.load, candidate.pending_prompt_tokens) == (9, 32)
+
+
+def test_requests_ended_since_the_report_stop_counting_until_the_next() -> None:
+    registry = make_registry("w")
+    bring_up(registry, "w", now=0.0)
+    burst = [registry.on_placed("w", 10, now=1.0) for _ in range(4)]
+    registry.on_report("w", LoadSnapshot(running=4), 1.2)  # shows the burst
+    for placed in burst[:3]:
+        registry.on_released(placed)  # ended after that report: it still says 4
+    assert registry.candidates(EndpointKind.WORKER, "chat", 1.3)[0].load == 1
+    registry.on_report("w", LoadSnapshot(running=1), 1.4)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 1.4)[0].load == 1
 
 
 def test_released_before_any_report_stops_counting() -> None:
     """Sequential requests between two reports must not pile up backlog that no report clears."""
     registry = make_registry("w")
     bring_up(registry, "w", now=0.0)
-    first = registry.on_placed("w", 5)
-    second = registry.on_placed("w", 7)
-    registry.on_released("w", 5, first)
-    assert registry.candidates(EndpointKind.WORKER, "chat", 0.0)[0].backlog_tokens == 7
-    registry.on_report("w", LoadSnapshot(running_tokens=7), 0.1)  # this report counts the second
-    registry.on_released("w", 7, second)  # so its release must not subtract again
-    third = registry.on_placed("w", 3)
-    assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].backlog_tokens == 10
-    registry.on_released("w", 100, third)
-    assert registry.candidates(EndpointKind.WORKER, "chat", 0.1)[0].backlog_tokens == 7  # never below
+    first = registry.on_placed("w", 5, now=1.0)
+    second = registry.on_placed("w", 7, now=1.0)
+    registry.on_released(first)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 1.0)[0].backlog_tokens == 7
+    registry.on_report("w", LoadSnapshot(running_tokens=7), 1.2)  # this report counts the second
+    registry.on_released(second)  # so its release must not subtract again
+    third = registry.on_placed("w", 3, now=1.2)
+    assert registry.candidates(EndpointKind.WORKER, "chat", 1.2)[0].backlog_tokens == 10
+    registry.on_released(third)
+    registry.on_released(third)  # twice: still counted once
+    assert registry.candidates(EndpointKind.WORKER, "chat", 1.2)[0].backlog_tokens == 7
 
 
 def test_requests_placed_since_the_report_count_in_the_load() -> None:
     registry = make_registry("w")
     bring_up(registry, "w", now=0.0, running=3)
-    placed = registry.on_placed("w", 5, prompt_tokens=2)
-    registry.on_placed("w", 7, prompt_tokens=3)
-    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 0.0)
+    placed = registry.on_placed("w", 5, now=1.0, prompt_tokens=2)
+    registry.on_placed("w", 7, now=1.0, prompt_tokens=3)
+    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 1.0)
     assert (candidate.load, candidate.pending_prompt_tokens) == (5, 5)
-    registry.on_released("w", 5, placed, prompt_tokens=2)
-    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 0.0)
+    registry.on_released(placed)
+    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 1.0)
     assert (candidate.load, candidate.pending_prompt_tokens) == (4, 3)
-    registry.on_report("w", LoadSnapshot(running=4), 0.1)
-    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 0.1)
+    registry.on_report("w", LoadSnapshot(running=4), 1.2)
+    [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 1.2)
     assert (candidate.load, candidate.pending_prompt_tokens) == (4, 0)
 
 

@@ -11,13 +11,13 @@ def test_retired_endpoint_is_neither_placed_on_nor_listed() -> None:
     registry = make_registry("a", "b")
     bring_up(registry, "a", now=0.0)
     bring_up(registry, "b", now=0.0)
-    reports = registry.on_placed("a", 100)
+    placed = registry.on_placed("a", 100, now=0.0)
     registry.retire("a")
     assert not registry.is_usable("a", 0.0)
     assert [c.address for c in registry.candidates(EndpointKind.WORKER, CHAT.id, 0.0)] == ["b"]
     assert [v.address for v in registry.views(0.0)] == ["b"]
     # The request placed before it left ends normally.
-    registry.on_released("a", 100, reports)
+    registry.on_released(placed)
     registry.on_success("a")
 
 
