@@ -88,7 +88,7 @@ lint: proto
 		services/router/rbac.py services/common/apikeys.py services/router/quotas.py services/router/guardrails \
 		services/router/catalog.py services/router/reply_cache.py \
 		services/embedder/batching.py services/embedder/meter.py services/embedder/health.py \
-		services/common/liveness.py
+		services/common/liveness.py services/common/tasks.py
 
 # Prometheus and promtool for the observability tests: Debian's package, only when missing.
 # Without root or apt the tests that need them skip and say why.

@@ -9,9 +9,10 @@ that is this one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+
+from services.common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +54,8 @@ class LivenessProbe:
             self._task = asyncio.create_task(self._loop(), name=f"{self.name}-health")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def check(self, seen: int) -> bool:
         """One verdict: progress since `seen`, or the probe answered in time."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar, cast
 
 from services.common.errors import Unavailable
+from services.common.tasks import cancel_and_wait
 from services.embedder.batching import Batch, BatchQueue, Job
 from services.embedder.meter import RateMeter
 from services.embedder.metrics import BATCH_SIZE, BATCH_TOKENS
@@ -121,10 +122,7 @@ class Batcher(Generic[V]):
                 "batch_sizes": {str(k): v for k, v in sorted(self._sizes.items())},
             },
         )
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         for future in self._futures.values():
             if not future.done():
                 future.set_exception(Unavailable("the embedder shut down before this request ran"))

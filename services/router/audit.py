@@ -17,6 +17,7 @@ import grpc
 
 from infermesh.session.v1 import governance_pb2, governance_pb2_grpc
 from services.common.logs import request_id_var, trace_id_var
+from services.common.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,8 @@ class AuditSink:
             self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.flush()
 
     async def flush(self) -> bool:

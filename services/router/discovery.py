@@ -6,12 +6,12 @@ deployment scales, and lets go of pods that left."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
+from services.common.tasks import cancel_and_wait
 from services.router.domain import EndpointKind
 from services.router.endpoints import EndpointMonitor
 
@@ -73,10 +73,7 @@ class Discovery:
         self._task = asyncio.create_task(self._run(), name="discovery")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

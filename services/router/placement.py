@@ -19,7 +19,7 @@ class Candidate:
     """A usable endpoint serving the requested model, as the registry last saw it."""
 
     address: str
-    load: int = 0  # sequences waiting + running, as last reported, plus requests placed since
+    load: int = 0  # sequences waiting + running as last reported, less those ended, plus those placed since
     backlog_tokens: int = 0  # reported running + waiting tokens, plus tokens placed since
     pending_prompt_tokens: int = 0  # prompts placed since the report: prefilled before ours, or with it
     decode_tokens_per_s: float = 0.0  # measured; 0 = not measured yet

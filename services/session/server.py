@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from infermesh.session.v1 import governance_pb2, governance_pb2_grpc, session_pb2, session_pb2_grpc
 from services.common.server import GrpcServer, serve_forever
+from services.common.tasks import cancel_and_wait
 from services.common.tls import TlsConfig, server_credentials
 from services.session import db, migrate, retention
 from services.session.cache import CachedStore, MemoryWindowCache, WindowCache
@@ -125,9 +125,7 @@ class SessionServer(GrpcServer):
 
     async def stop(self, grace: float = 10.0) -> None:
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._tasks.clear()
         await super().stop(grace)
 

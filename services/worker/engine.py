@@ -278,11 +278,12 @@ class Engine:
                     self._forget(key)
 
     def _account(self, result: StepResult, seconds: float) -> None:
+        # Preemptions happen when the step is scheduled: they stand even if its pass was given up.
+        self.preemptions += result.preempted
         if result.interrupted:
             self.interrupted_passes += 1
             return
         self.passes += 1
-        self.preemptions += result.preempted
         total = result.prefill_tokens + result.decode_tokens
         if result.decode_tokens and not result.prefill_tokens:
             self.step_model.add(result.decode_tokens, seconds)
