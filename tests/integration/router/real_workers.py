@@ -170,7 +170,7 @@ async def run_conversations(
 
 
 async def stays_when_its_worker_gets_busy(
-    workers: list[RealWorker], *, session_affinity: bool, streams: int = 12, max_tokens: int = 32
+    workers: list[RealWorker], *, session_affinity: bool, streams: int = 20, max_tokens: int = 32
 ) -> bool:
     """A session's first turn; then `streams` long streams straight to the worker that served
     it, until the router sees them; then the session's second turn, `max_tokens` long (decoding

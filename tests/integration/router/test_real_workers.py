@@ -52,7 +52,7 @@ async def test_session_affinity_turns_history_into_prefix_cache_hits(two_workers
 async def test_affinity_keeps_a_turn_on_its_busier_worker_within_the_factor(
     two_workers: list[RealWorker],
 ) -> None:
-    # Its worker busy with twelve long streams: slower for the next turn, not 3x (affinity_factor).
+    # Its worker busy with twenty long streams: slower for the next turn, not 3x (affinity_factor).
     assert await stays_when_its_worker_gets_busy(two_workers, session_affinity=True)
     assert not await stays_when_its_worker_gets_busy(two_workers, session_affinity=False)
 
