@@ -12,7 +12,7 @@ BACKUP_DIR ?= backups
 help:
 	@echo "make up        start router, session (SQLite), worker and embedder locally"
 	@echo "make down      stop them"
-	@echo "make test      install, generate protos, run every test"
+	@echo "make test      install, generate protos and system tools, run every test (a skip fails)"
 	@echo "make test-fast unit tests only"
 	@echo "make chaos     failover drills (kill, stop, slow real processes); prints one table"
 	@echo "make soak      drill 3's memory check at 10,000 start-cancel cycles (several minutes)"
@@ -50,7 +50,7 @@ down:
 status:
 	$(PY) -m services.launcher status
 
-test: proto
+test: proto tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: proto
@@ -91,15 +91,17 @@ lint: proto
 		services/common/liveness.py services/common/tasks.py
 
 # Prometheus and promtool for the observability tests: Debian's package, only when missing.
-# Without root or apt the tests that need them skip and say why.
+# `make test` runs this first; when the tools cannot be had it stops, naming them.
 tools:
 	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
 		echo "prometheus and promtool are installed"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null \
-			|| echo "could not install prometheus; its tests will skip"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } \
+			|| { echo "make tools: could not install Debian's prometheus package (prometheus, promtool)"; exit 1; }; \
 	else \
-		echo "prometheus is missing and apt-get (as root) is not available; its tests will skip"; \
+		echo "make tools: prometheus and promtool are missing and apt-get as root is not available:"; \
+		echo "  install them (Debian/Ubuntu: apt-get install prometheus) or put both on PATH"; \
+		exit 1; \
 	fi
 
 # Development only: a CA and one certificate per service (also a client one) for TLS and mTLS.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import shutil
 import subprocess
 import time
 import urllib.error
@@ -25,6 +24,7 @@ from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from services.launcher.mesh import SERVICES, Mesh, MeshSpec
 from tests.e2e.meshes import free_port, router_stub, running_mesh
+from tests.fixtures.tools import system_tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -256,7 +256,7 @@ EXPECTED_SERIES = {
 
 
 async def test_metrics_endpoints_pass_promtool(mesh: Mesh, traffic: tuple[str, str, str]) -> None:
-    promtool = _tool("promtool")
+    promtool = system_tool("promtool")
     for service in SERVICES:
         body = await asyncio.to_thread(_scrape, mesh.spec.metrics_ports[service])
         for series in EXPECTED_SERIES[service]:
@@ -270,7 +270,7 @@ async def test_metrics_endpoints_pass_promtool(mesh: Mesh, traffic: tuple[str, s
 
 
 def test_promtool_accepts_the_rules() -> None:
-    promtool = _tool("promtool")
+    promtool = system_tool("promtool")
     checked = subprocess.run(
         [promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=30
     )
@@ -278,7 +278,7 @@ def test_promtool_accepts_the_rules() -> None:
 
 
 async def test_prometheus_scrapes_the_mesh(mesh: Mesh, traffic: tuple[str, str, str], tmp_path: Path) -> None:
-    prometheus = _tool("prometheus")
+    prometheus = system_tool("prometheus")
     port = free_port()
     config = tmp_path / "prometheus.yml"
     scrape = [
@@ -360,12 +360,3 @@ def _start_prometheus(binary: str, config: Path, workdir: Path, port: int) -> su
             stdout=subprocess.DEVNULL,
             stderr=log,
         )
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(
-            f"{name} is not installed and could not be (run `make tools`: apt-get install prometheus)"
-        )
-    return path

@@ -19,8 +19,8 @@ def test_auto_picks_what_exists() -> None:
     assert resolve_device("auto").type == expected
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_missing_cuda_is_a_config_error_naming_the_setting() -> None:
+def test_missing_cuda_is_a_config_error_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # any machine, with CUDA or not
     with pytest.raises(ConfigError, match=re.escape("worker.device='cuda'")):
         resolve_device("cuda", "worker.device")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from scripts.gen_dashboard import TARGET, queries, render
+from tests.fixtures.tools import system_tool
 
 ROOT = Path(__file__).resolve().parents[3]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -66,9 +66,7 @@ def test_every_series_queried_is_exported_or_recorded(source: str) -> None:
 
 
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (run `make tools`: apt-get install prometheus)")
+    promtool = system_tool("promtool")
     rules = {
         "groups": [
             {"name": "dashboard", "rules": [{"record": f"q:{i}", "expr": e} for i, e in enumerate(queries())]}
