@@ -40,6 +40,44 @@ async def test_calls_without_a_valid_key_are_unauthenticated(secure_mesh: Secure
     assert len(secure_mesh.worker.requests) == before  # refused before it reached a worker
 
 
+PUBLIC_METHODS = [
+    (f"/{service.full_name}/{method.name}", method)
+    for service in router_pb2.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+]
+
+
+@pytest.mark.parametrize(
+    "metadata", [(), bearer("imk_0123456789ab_" + "x" * 43)], ids=["no-key", "unknown-key"]
+)
+async def test_every_public_rpc_is_unauthenticated_without_a_valid_key(secure_mesh: SecureMesh, metadata):
+    assert len(PUBLIC_METHODS) == 19  # Inference and Admin: a new RPC is added here by itself
+    answered = {}
+    for path, method in PUBLIC_METHODS:
+        # An empty message of the right type: well formed, so only the missing key can refuse it.
+        if method.server_streaming:
+            answered[method.name] = await _status(_drain(secure_mesh.channel.unary_stream(path), metadata))
+        else:
+            answered[method.name] = await _status(
+                secure_mesh.channel.unary_unary(path)(b"", timeout=5, metadata=metadata)
+            )
+    wrong = {name: code for name, code in answered.items() if code is not grpc.StatusCode.UNAUTHENTICATED}
+    assert wrong == {}, f"answered without a valid key: {wrong}"
+
+
+async def _drain(call: grpc.aio.UnaryStreamMultiCallable, metadata) -> None:  # type: ignore[no-untyped-def]
+    async for _ in call(b"", timeout=5, metadata=metadata):
+        pass
+
+
+async def _status(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
 async def test_a_created_key_works_with_either_header_and_acts_for_its_tenant(secure_mesh: SecureMesh):
     created = await secure_mesh.new_key("team-a", "user")
     assert created.api_key.startswith(f"imk_{created.key_prefix}_")
