@@ -1,7 +1,8 @@
 """Fuzz every public RPC (Inference and Admin) through a router with auth, quotas and guardrails
 on, in front of a real session service and fake workers: generated messages with extreme and
 malformed fields, bytes that are no protobuf at all, messages past the maximum size. Every call
-must end with a status (no hang, no INTERNAL from a handler) and every server must still serve."""
+must end with a status (no hang, no INTERNAL or UNKNOWN), every call without a key must be
+refused, and every server must still serve."""
 
 from __future__ import annotations
 
@@ -45,12 +46,15 @@ class Fuzzed:
     def __init__(self) -> None:
         self.codes: collections.Counter[tuple[str, str]] = collections.Counter()
         self.problems: list[str] = []
+        self.unkeyed = 0  # calls sent without an API key
 
     @property
     def cases(self) -> int:
         return sum(self.codes.values())
 
-    def call(self, channel: grpc.Channel, path: str, method: Any, payload: bytes, metadata: Any) -> None:
+    def call(
+        self, channel: grpc.Channel, path: str, method: Any, payload: bytes, metadata: Any, keyed: bool = True
+    ) -> None:
         identity = bytes  # the payload goes out as given (it may be no protobuf at all)
         start = time.monotonic()
         try:
@@ -69,12 +73,16 @@ class Fuzzed:
         self.codes[(path.rsplit("/", 1)[-1], code.name)] += 1
         if elapsed >= CALL_TIMEOUT_S - 1:
             self.problems.append(f"{path}: no answer within {elapsed:.1f}s ({code.name})")
-        if code is grpc.StatusCode.INTERNAL and not details.startswith(
-            ("Failed to parse", "Error in", "Unexpected")
-        ):
-            self.problems.append(f"{path}: INTERNAL {details[:200]}")
-        if code is grpc.StatusCode.UNKNOWN:
-            self.problems.append(f"{path}: UNKNOWN {details[:200]}")
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            self.problems.append(f"{path}: {code.name} {details[:200]}")
+        self.unkeyed += not keyed
+        # Without a key nothing is served: refused for the key, or, bytes that are no message, for those.
+        if not keyed and code is not grpc.StatusCode.UNAUTHENTICATED and not _malformed(code, details):
+            self.problems.append(f"{path} without a key: {code.name} {details[:200]}")
+
+
+def _malformed(code: grpc.StatusCode, details: str) -> bool:
+    return code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request: not a valid")
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")
@@ -114,7 +122,7 @@ def _fuzz_rpc(channel: grpc.Channel, path: str, method: Any, admin_key: str, fuz
     def one(message: Any, keyed: bool, raw: bytes | None) -> None:
         metadata = (("authorization", f"Bearer {admin_key}"),) if keyed else ()
         payload = raw if raw is not None else message.SerializeToString()
-        fuzzed.call(channel, path, method, payload, metadata)
+        fuzzed.call(channel, path, method, payload, metadata, keyed)
 
     one()
     # Past the maximum message size.
@@ -136,8 +144,10 @@ async def test_every_public_rpc_answers_every_fuzzed_message_with_a_status(fuzz_
     fuzzed = await asyncio.to_thread(_fuzz_all, address, admin_key)
     by_code = collections.Counter(code for (_rpc, code) in fuzzed.codes.elements())
     print(f"\nfuzz: {fuzzed.cases} cases over {len(METHODS)} RPCs; status codes: {dict(by_code)}")
-    assert fuzzed.problems == []
+    kinds = collections.Counter(problem.split(": ", 1)[0].rsplit("/", 1)[-1] for problem in fuzzed.problems)
+    assert not fuzzed.problems, f"{dict(kinds)}; e.g.\n" + "\n".join(sorted(set(fuzzed.problems))[:12])
     assert fuzzed.cases >= len(METHODS) * 10
+    assert fuzzed.unkeyed >= len(METHODS), "every RPC should have been called without a key too"
     assert {rpc for rpc, _code in fuzzed.codes} == {path.rsplit("/", 1)[-1] for path, _m in METHODS}
     oversized = {rpc: code for (rpc, code) in fuzzed.codes if code == "RESOURCE_EXHAUSTED"}
     assert set(oversized) == {path.rsplit("/", 1)[-1] for path, _m in METHODS}
