@@ -93,8 +93,8 @@ def _code(context: grpc.aio.ServicerContext, failed: BaseException | None) -> st
     return "UNKNOWN" if failed is not None else "OK"
 
 
-class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts and times every RPC by service, method, type and final status code."""
+class HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that stands `wrap(path, handler)` in for each RPC's handler."""
 
     async def intercept_service(
         self,
@@ -104,7 +104,17 @@ class GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        return self.wrap(handler_call_details.method, handler)
+
+    def wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        raise NotImplementedError
+
+
+class GrpcMetricsInterceptor(HandlerInterceptor):
+    """Counts and times every RPC by service, method, type and final status code."""
+
+    def wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, _, method = path.lstrip("/").rpartition("/")
         kind = _rpc_type(handler)
         labels = (service, method, kind)
         behavior, factory = handler_behavior(handler)

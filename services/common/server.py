@@ -8,23 +8,76 @@ Each service has `create_server(config) -> (Service, port)` built on
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.registry import Collector
 
-from services.common.metrics import MetricsEndpoint
+from services.common.metrics import HandlerInterceptor, MetricsEndpoint, handler_behavior
 from services.common.telemetry import server_interceptors
+from services.common.tls import TlsConfig, server_credentials
 
 logger = logging.getLogger(__name__)
 
 # Large enough for embedding batches and long prompts; bigger messages get
 # RESOURCE_EXHAUSTED from gRPC itself.
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+# Open to any client certificate of the mesh CA: probes and tools that are no mesh service.
+_OPEN_SERVICES = (
+    f"/{health_pb2.DESCRIPTOR.services_by_name['Health'].full_name}/",
+    f"/{reflection.SERVICE_NAME}/",
+)
+
+
+class AllowedClients(HandlerInterceptor):
+    """Zero trust inside the mesh: under mutual TLS, a call whose client certificate's common
+    name is not in `allowed` is PERMISSION_DENIED (any certificate of the CA would pass TLS)."""
+
+    def __init__(self, allowed: Iterable[str]) -> None:
+        self.allowed = frozenset(allowed)
+
+    def wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if path.startswith(_OPEN_SERVICES):
+            return handler
+        behavior, factory = handler_behavior(handler)
+        check = self._check
+        if inspect.isasyncgenfunction(behavior):
+
+            async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await check(context)
+                async for item in behavior(request, context):
+                    yield item
+
+            wrapped: Callable[..., Any] = streamed
+        else:
+
+            async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(context)
+                return await behavior(request, context)
+
+            wrapped = awaited
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _check(self, context: grpc.aio.ServicerContext) -> None:
+        names = [n.decode() for n in context.auth_context().get("x509_common_name", [])]
+        if not self.allowed.intersection(names):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"client certificate {', '.join(map(repr, names)) or '(none)'} may not call this service "
+                f"(tls_allowed_clients: {', '.join(sorted(self.allowed))})",
+            )
 
 
 class GrpcServer:
@@ -47,14 +100,18 @@ class GrpcServer:
         drained_grace_s: float | None = None,
         metrics_port: int = 0,
         collectors: Iterable[Collector] = (),
-        credentials: grpc.ServerCredentials | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
-        self.server = grpc.aio.server(options=options, interceptors=server_interceptors())
+        tls = tls or TlsConfig()
+        interceptors = server_interceptors()
+        if tls.checks_callers:
+            interceptors.append(AllowedClients(tls.allowed_clients))
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -67,7 +124,8 @@ class GrpcServer:
             ],
             self.server,
         )
-        # TLS (and mutual TLS) when the service's config gives credentials (services.common.tls).
+        # TLS (and mutual TLS) when the service's config asks for it (services.common.tls).
+        credentials = server_credentials(tls)
         if credentials is None:
             self.port = self.server.add_insecure_port(f"{host}:{port}")
         else:

@@ -3,7 +3,9 @@
 Each service has one certificate (`tls_cert_file` + `tls_key_file`): it serves with it and
 presents it as its client certificate when it calls another service. `tls_ca_file` is the
 mesh's CA: it verifies the servers a service calls and, with `tls_require_client_cert`, the
-clients that call it (mTLS). Empty files mean plaintext, as in the embedded default.
+clients that call it (mTLS), and `tls_allowed_clients` names the services (certificate
+common names) that may call it: the session service, workers and embedders answer only the
+router. Empty files mean plaintext, as in the embedded default.
 `make certs` writes a development CA and certificates (`python -m services.common.tls`).
 """
 
@@ -44,19 +46,38 @@ def require_client_cert_setting(default: bool) -> Any:
     return setting(default, "Refuse clients without a certificate signed by tls_ca_file (mutual TLS).")
 
 
+def allowed_clients_setting() -> Any:
+    return setting(
+        ["router"],
+        "With tls_require_client_cert: the common names of the client certificates that may call "
+        "this service (each service has its own); empty = any certificate of tls_ca_file. Health "
+        "checks and reflection answer any certificate of the mesh.",
+    )
+
+
 @dataclass(frozen=True)
 class TlsConfig:
     cert_file: str = ""
     key_file: str = ""
     ca_file: str = ""
     require_client_cert: bool = False
+    allowed_clients: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, config: Any) -> TlsConfig:
         """From a service config's tls_* fields."""
         return cls(
-            config.tls_cert_file, config.tls_key_file, config.tls_ca_file, config.tls_require_client_cert
+            config.tls_cert_file,
+            config.tls_key_file,
+            config.tls_ca_file,
+            config.tls_require_client_cert,
+            tuple(getattr(config, "tls_allowed_clients", ())),
         )
+
+    @property
+    def checks_callers(self) -> bool:
+        """Whether calls are refused by the caller's certificate name (mTLS with a list)."""
+        return self.serving and self.require_client_cert and bool(self.allowed_clients)
 
     @property
     def serving(self) -> bool:

@@ -8,7 +8,7 @@ import socket
 
 from services.common.metrics import LoadReportCollector
 from services.common.server import GrpcServer, serve_forever
-from services.common.tls import TlsConfig, server_credentials
+from services.common.tls import TlsConfig
 from services.embedder import convert
 from services.embedder.cache import create_cache
 from services.embedder.config import EmbedderConfig
@@ -65,7 +65,7 @@ async def create_server(config: EmbedderConfig) -> GrpcServer:
             on_drain=engine.drain,
             on_stop=stop,
             metrics_port=config.metrics_port,
-            credentials=server_credentials(TlsConfig.of(config)),
+            tls=TlsConfig.of(config),
             # The numbers StreamLoad sends the routers, read where it reads them.
             collectors=[
                 LoadReportCollector(lambda: convert.load_report_to_pb(servicer.endpoint_id, engine.load()))

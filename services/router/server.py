@@ -11,7 +11,7 @@ from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from infermesh.session.v1 import governance_pb2_grpc
 from services.common.server import GrpcServer, serve_forever
 from services.common.telemetry import client_interceptors
-from services.common.tls import TlsConfig, aio_channel, server_credentials
+from services.common.tls import TlsConfig, aio_channel
 from services.router.admin import AdminServicer
 from services.router.audit import AuditSink
 from services.router.auth import DEFAULT_TENANT, Authenticator, KeyResolver, Principal
@@ -135,7 +135,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         register=register,
         on_stop=on_stop,
         metrics_port=config.metrics_port,
-        credentials=server_credentials(tls),
+        tls=tls,
         collectors=[RouterCollector(inference.generation.admission, endpoints)],
     )
     await endpoints.start()

@@ -20,6 +20,7 @@ class SessionConfig:
     tls_key_file: str = tls.key_file_setting()
     tls_ca_file: str = tls.ca_file_setting()
     tls_require_client_cert: bool = tls.require_client_cert_setting(True)
+    tls_allowed_clients: list[str] = tls.allowed_clients_setting()
     grace_s: float = setting(10.0, "Seconds to finish in-flight calls on shutdown.", min=0, max=600)
     database_url: str = setting(
         "",

@@ -10,7 +10,7 @@ from typing import Any
 from infermesh.session.v1 import governance_pb2, governance_pb2_grpc, session_pb2, session_pb2_grpc
 from services.common.server import GrpcServer, serve_forever
 from services.common.tasks import cancel_and_wait
-from services.common.tls import TlsConfig, server_credentials
+from services.common.tls import TlsConfig
 from services.session import db, migrate, retention
 from services.session.cache import CachedStore, MemoryWindowCache, WindowCache
 from services.session.config import SessionConfig
@@ -183,7 +183,7 @@ async def create_server(config: SessionConfig) -> SessionServer:
         store=store,
         retention_interval_s=config.retention_interval_s,
         metrics_port=config.metrics_port,
-        credentials=server_credentials(TlsConfig.of(config)),
+        tls=TlsConfig.of(config),
     )
 
 

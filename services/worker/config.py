@@ -22,6 +22,7 @@ class WorkerConfig:
     tls_key_file: str = tls.key_file_setting()
     tls_ca_file: str = tls.ca_file_setting()
     tls_require_client_cert: bool = tls.require_client_cert_setting(True)
+    tls_allowed_clients: list[str] = tls.allowed_clients_setting()
     grace_s: float = setting(10.0, "Seconds to finish in-flight work on SIGTERM.", min=0, max=600)
     endpoint_id: str = setting("", "Name in load reports; empty means '<hostname>:<port>'.")
     model_id: str = setting("smollm2-135m-instruct", "Model name clients put in `model`.")

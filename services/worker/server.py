@@ -11,7 +11,7 @@ from typing import Any
 from infermesh.worker.v1 import worker_pb2_grpc
 from services.common.metrics import LoadReportCollector
 from services.common.server import GrpcServer, serve_forever
-from services.common.tls import TlsConfig, server_credentials
+from services.common.tls import TlsConfig
 from services.worker import convert
 from services.worker.config import WorkerConfig
 from services.worker.service import WorkerService
@@ -46,7 +46,7 @@ def build_server(config: WorkerConfig, service: WorkerService) -> GrpcServer:
         # Drained means every sequence has ended: a second is enough for their last messages.
         drained_grace_s=1.0,
         metrics_port=config.metrics_port,
-        credentials=server_credentials(TlsConfig.of(config)),
+        tls=TlsConfig.of(config),
         # The numbers StreamLoad sends the routers, read where it reads them.
         collectors=[LoadReportCollector(lambda: convert.load_to_pb(service.load_report()))],
     )

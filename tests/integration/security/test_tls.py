@@ -1,6 +1,7 @@
 """TLS on the public port and mutual TLS between services: a client without a certificate,
-with one from another CA, or with an expired one is refused; the router reaches the session
-service over mTLS with its own certificate."""
+with one from another CA, or with an expired one is refused; a certificate of the mesh that is
+not the router's is refused the session service's calls (health stays open to it); the router
+reaches the session service over mTLS with its own certificate."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
+from infermesh.session.v1 import session_pb2, session_pb2_grpc
 from services.common.tls import make_ca, make_cert
 from services.session.server import create_server
 from tests.integration.router.helpers import start_router
@@ -72,10 +74,35 @@ async def tls_mesh(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Any
     await session.stop(0)
 
 
+async def _get_session(address: str, credentials: grpc.ChannelCredentials) -> tuple[grpc.StatusCode, str]:
+    async with grpc.aio.secure_channel(address, credentials) as channel:
+        try:
+            await session_pb2_grpc.SessionStoreStub(channel).GetSession(
+                session_pb2.GetSessionRequest(tenant="t", session_id="00000000-0000-0000-0000-000000000000"),
+                timeout=5,
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_the_session_service_answers_only_the_router_certificate(certs, tls_mesh):
+    session, _router = tls_mesh
+    address = f"localhost:{session.port}"
+    # Signed by the mesh CA, so TLS accepts it; but it is not the router's identity.
+    code, details = await _get_session(address, _credentials(certs, "client"))
+    assert code is grpc.StatusCode.PERMISSION_DENIED, details
+    assert "'client'" in details and "tls_allowed_clients: router" in details
+    code, details = await _get_session(address, _credentials(certs, "router"))
+    assert code is grpc.StatusCode.NOT_FOUND, details  # served: there is no such session
+    # Health stays open to any certificate of the mesh (probes, tools).
+    assert await _health(address, _credentials(certs, "client")) is grpc.StatusCode.OK
+
+
 async def test_services_refuse_clients_without_a_valid_certificate(certs, tls_mesh):
     session, _router = tls_mesh
     address = f"localhost:{session.port}"
-    assert await _health(address, _credentials(certs, "client")) is grpc.StatusCode.OK
+    assert await _health(address, _credentials(certs, "router")) is grpc.StatusCode.OK
     assert await _health(address, _credentials(certs, None)) is grpc.StatusCode.UNAVAILABLE  # no certificate
     assert await _health(address, _credentials(certs, "stranger")) is grpc.StatusCode.UNAVAILABLE  # wrong CA
     assert await _health(address, _credentials(certs, "expired")) is grpc.StatusCode.UNAVAILABLE
