@@ -39,6 +39,9 @@ FIDELITY_TOKENS = 64
 MAX_RELATIVE_ERROR = 1e-4
 # Where transformers' own top two logits are closer than this, float32 rounding may pick either.
 NEAR_TIE = 1e-3
+# Of the eight greedy continuations, how many may part from transformers' at such a near-tie:
+# a near-tie is rare (none in 8 x 64 tokens when this was written), so more than one is a bug.
+MAX_DIFFERING_PROMPTS = 1
 
 
 @pytest.fixture(scope="module")
@@ -180,14 +183,23 @@ def test_float32_greedy_through_the_batched_engine_matches_reference(
         if got == expected:
             continue
         step = next(k for k, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
-        top2 = logits[len(ids) - 1 + step].topk(2).values
+        top2 = logits[len(ids) - 1 + step].topk(2)
+        gap = (top2.values[0] - top2.values[1]).item()
         differing += 1
-        near_ties += int((top2[0] - top2[1]).item() < NEAR_TIE)
-        # Allowed only at a near-tie of the reference itself; after it the two continue different texts.
-        assert (top2[0] - top2[1]).item() < NEAR_TIE, f"prompt {i} differs at step {step} without a near-tie"
+        near_ties += int(gap < NEAR_TIE)
+        # Allowed only at a near-tie of the reference itself, where ours took the reference's
+        # runner-up; after it the two continue different texts.
+        assert gap < NEAR_TIE, (
+            f"prompt {i} differs at step {step} without a near-tie (top two {gap:.2e} apart)"
+        )
+        assert got[step] == int(top2.indices[1]), f"prompt {i} at step {step}: not the reference's runner-up"
     identical = len(PROMPTS) - differing
     print(
         f"greedy: {identical}/{len(PROMPTS)} identical over {FIDELITY_TOKENS} tokens, {near_ties} near-ties"
+    )
+    assert differing <= MAX_DIFFERING_PROMPTS, (
+        f"{differing} of {len(PROMPTS)} greedy continuations differ from transformers' (at most "
+        f"{MAX_DIFFERING_PROMPTS} may, at a near-tie)"
     )
 
 
