@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -127,6 +128,26 @@ async def _conversation(
     return [await _turn(stub, session.session_id, _user_text(topic, t), max_tokens) for t in range(turns)]
 
 
+async def _waves(
+    stub: router_pb2_grpc.InferenceStub, topics: list[str], turns: int, max_tokens: int, rng: random.Random
+) -> list[list[str]]:
+    """Every session's turn t at once, then every session's turn t + 1, ..., each wave sent in a
+    new random order; the worker that served each turn, per session."""
+    ids = []
+    for _ in topics:
+        session = await stub.CreateSession(router_pb2.CreateSessionRequest(user_id="bench"), timeout=10)
+        ids.append(session.session_id)
+    served: list[list[str]] = [[] for _ in topics]
+    for t in range(turns):
+        order = rng.sample(range(len(topics)), len(topics))
+        places = await asyncio.gather(
+            *(_turn(stub, ids[i], _user_text(topics[i], t), max_tokens) for i in order)
+        )
+        for i, place in zip(order, places, strict=True):
+            served[i].append(place)
+    return served
+
+
 async def run_conversations(
     workers: list[RealWorker],
     *,
@@ -135,13 +156,18 @@ async def run_conversations(
     turns: int,
     max_tokens: int,
     topic_offset: int = 0,
+    shuffle_seed: int | None = None,
     **router_settings: Any,
 ) -> AffinityRun:
     """`sessions` conversations at once, each its turns one after another, through a fresh
     router in front of `workers`. Concurrent sessions spread over the workers by predicted
     completion; with affinity a session's later turns stay where its earlier ones ran unless
-    that worker is too far behind (affinity_factor). Prefix-cache counters are taken before
-    and after: earlier runs on the same workers only count through what they left cached."""
+    that worker is too far behind (affinity_factor). With `shuffle_seed` the turns go in waves,
+    each wave's requests in a new random order: a burst alternates between equal workers in
+    the order it arrives, so without affinity about half the later turns land on the other
+    worker, where sessions that stay in step would otherwise tend to go back where they were.
+    Prefix-cache counters are taken before and after: earlier runs on the same workers only
+    count through what they left cached."""
     store = FakeSessionStore()
     store_server = await start_fake(store)
     router = await start_router(
@@ -158,7 +184,10 @@ async def run_conversations(
             topics = [
                 f"{TOPICS[(topic_offset + i) % len(TOPICS)]} #{topic_offset + i}" for i in range(sessions)
             ]
-            served = await asyncio.gather(*(_conversation(stub, t, turns, max_tokens) for t in topics))
+            if shuffle_seed is None:
+                served = await asyncio.gather(*(_conversation(stub, t, turns, max_tokens) for t in topics))
+            else:
+                served = await _waves(stub, topics, turns, max_tokens, random.Random(shuffle_seed))
             after = [w.prefix_counters() for w in workers]
     finally:
         await router.stop(0)

@@ -30,23 +30,32 @@ async def test_session_affinity_turns_history_into_prefix_cache_hits(two_workers
     # With affinity first: whatever it leaves in the caches can only help the run without.
     # A wide affinity_factor: this measures what staying is worth, not where the default
     # factor (1.5) trades it for balance under a burst (bench/affinity.py shows both).
-    shape: dict[str, Any] = {"sessions": 6, "turns": 5, "max_tokens": 12, "affinity_factor": 3.0}
+    # Waves in a shuffled order: without affinity, load sends about half the later turns to
+    # the other worker (sessions in step would otherwise tend to go back by load alone).
+    shape: dict[str, Any] = {
+        "sessions": 6,
+        "turns": 5,
+        "max_tokens": 12,
+        "affinity_factor": 3.0,
+        "shuffle_seed": 7,
+    }
     with_affinity = await run_conversations(two_workers, session_affinity=True, **shape)
     without = await run_conversations(
         two_workers, session_affinity=False, topic_offset=shape["sessions"], **shape
     )
+    later_turns = shape["sessions"] * (shape["turns"] - 1)
     for run in (with_affinity, without):
         print(
             f"session_affinity={run.session_affinity}: prefix-cache hit ratio {run.hit_ratio:.3f} "
             f"({run.hit_tokens}/{run.prompt_tokens} prompt tokens), {run.moved} of "
-            f"{run.turns - shape['sessions']} later turns moved to the other worker"
+            f"{later_turns} later turns moved to the other worker"
         )
-    # The hit ratios are printed, not held to a margin: in this setting (six concurrent
-    # sessions in step, short replies, two equal workers) load alone tends to put each turn
-    # back where the last one ran, so only "not worse" is asserted; the test below shows what
-    # affinity does when load pulls the other way.
     assert with_affinity.moved == 0
-    assert with_affinity.hit_ratio >= without.hit_ratio - 0.03
+    # The setting pulls turns away when nothing keeps them (else it could not tell).
+    assert without.moved >= later_turns // 4, without
+    # What staying is worth: a moved turn finds at most the template and older turns cached.
+    # (A quarter of the turns moved costs about 0.1 of the hit ratio here; half, about 0.2.)
+    assert with_affinity.hit_ratio >= without.hit_ratio + 0.05, (with_affinity, without)
 
 
 async def test_affinity_keeps_a_turn_on_its_busier_worker_within_the_factor(
