@@ -22,6 +22,7 @@ from services.session.server import create_server
 from services.session.sql_store import SqlStore
 from tests.chaos.harness import FaultProxy
 from tests.fixtures.databases import ThrowawayPostgres
+from tests.fixtures.timing import slept_s
 
 from .conftest import session_config
 from .helpers import TENANT, all_history, append, create, history, msg, status_of
@@ -101,24 +102,33 @@ async def elapsed(call: Callable[[], Awaitable[object]]) -> float:
 
 
 async def test_store_on_a_closed_port_is_unavailable_at_once():
-    store = SqlStore.from_url(closed_port_url(), timeout_s=2.0)
+    # A refused connection is known at once: a store that waited out its bound would take all
+    # of it, so "at once" is a small share of a generous bound, whatever the machine's load.
+    timeout_s = 20.0
+    store = SqlStore.from_url(closed_port_url(), timeout_s=timeout_s)
     try:
-        assert await elapsed(store.ping) < 2.0
-        assert await elapsed(lambda: store.get_session(TENANT, "s")) < 2.0
-        assert await elapsed(lambda: store.append(TENANT, "s", [NewMessage(Role.USER, "x", "", 1)])) < 2.0
-        assert await elapsed(lambda: store.create_session(NewSession(TENANT, "u", "m", {}, 0, "s"))) < 2.0
+        took = [
+            await elapsed(store.ping),
+            await elapsed(lambda: store.get_session(TENANT, "s")),
+            await elapsed(lambda: store.append(TENANT, "s", [NewMessage(Role.USER, "x", "", 1)])),
+            await elapsed(lambda: store.create_session(NewSession(TENANT, "u", "m", {}, 0, "s"))),
+        ]
     finally:
         await store.close()
+    assert max(took) < timeout_s / 10, took
 
 
 async def test_store_on_a_silent_server_gives_up_after_the_timeout():
+    timeout_s = 0.5
     async with silent_server() as port:
-        store = SqlStore.from_url(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/hung", timeout_s=0.5)
+        store = SqlStore.from_url(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/hung", timeout_s=timeout_s)
         try:
             took = await elapsed(lambda: store.get_session(TENANT, "s"))
         finally:
             await store.close()
-    assert 0.4 < took < 3.0
+    # It waited its bound, and gave up within twice what waiting that long takes here and now.
+    reference = await slept_s(timeout_s, times=2)
+    assert 0.9 * timeout_s <= took <= 2 * reference, (took, reference)
 
 
 async def health_status(address: str) -> int:
@@ -144,10 +154,8 @@ async def test_server_without_its_database_answers_unavailable_and_is_not_servin
                 ).read(),
             ]
             for call in calls:
-                start = time.monotonic()
-                err = await status_of(call)
-                assert err.code() == grpc.StatusCode.UNAVAILABLE
-                assert time.monotonic() - start < 3.0
+                # UNAVAILABLE, not DEADLINE_EXCEEDED: answered within the caller's 3 s.
+                assert (await status_of(call)).code() == grpc.StatusCode.UNAVAILABLE
             # Bad input is still judged as bad input.
             err = await status_of(history(stub, "s-1", page_size=10_000))
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -217,12 +225,9 @@ async def test_a_hung_database_answers_unavailable_before_the_request_deadline_t
                     history(stub, s.session_id, timeout=1.0),
                     create(stub, timeout=1.0),
                 ):
-                    start = time.monotonic()
                     err = await status_of(call)
-                    took = time.monotonic() - start
                     # UNAVAILABLE, not DEADLINE_EXCEEDED: the service answered before the deadline.
                     assert err.code() == grpc.StatusCode.UNAVAILABLE, err
-                    assert took < 1.5
 
                 proxy.heal()
                 proxy.reset_all()
