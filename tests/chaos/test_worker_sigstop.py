@@ -9,9 +9,11 @@ import signal
 import time
 from pathlib import Path
 
+from infermesh.router.v1 import router_pb2
 from tests.chaos.generation_mesh import (
     PROMPTS,
     STALE_S,
+    Mesh,
     Stream,
     generate,
     generation_mesh,
@@ -24,6 +26,14 @@ MAX_TOKENS = 32
 DEADLINE_S = 30.0
 
 
+async def _seen_until_ejected(mesh: Mesh, victim: str, sightings: list[tuple[bool, int, str]]) -> bool:
+    """Whether the router no longer counts `victim` healthy; records what its status said."""
+    status = await mesh.stub.GetClusterStatus(router_pb2.GetClusterStatusRequest(), timeout=5)
+    endpoint = next(e for e in status.endpoints if e.address == victim)
+    sightings.append((endpoint.healthy, endpoint.report_age_ms, endpoint.detail))
+    return not endpoint.healthy
+
+
 async def test_sigstop_a_worker_then_sigcont(log_dir: Path) -> None:
     async with generation_mesh(log_dir) as mesh:
         progress: dict[str, Stream] = {}
@@ -32,7 +42,8 @@ async def test_sigstop_a_worker_then_sigcont(log_dir: Path) -> None:
         stopped_at = time.monotonic()
         mesh.worker_at(victim).send(signal.SIGSTOP)
         try:
-            ejected_s = await wait_until(lambda: mesh.lacks(victim), STALE_S + 10)
+            sightings: list[tuple[bool, int, str]] = []
+            ejected_s = await wait_until(lambda: _seen_until_ejected(mesh, victim, sightings), STALE_S + 10)
             during = await asyncio.gather(
                 *(generate(mesh.stub, p, max_tokens=8, timeout_s=DEADLINE_S) for p in PROMPTS[STREAMS:][:4])
             )
@@ -56,13 +67,22 @@ async def test_sigstop_a_worker_then_sigcont(log_dir: Path) -> None:
             completed=completed,
             failed=len(everything) - completed,
             recovery_s=back_s,
-            note=f"ejected after {ejected_s:.2f}s, {len(moved)} streams moved, {len(late)} past deadline",
+            note=(
+                f"ejected after {ejected_s:.2f}s ({sightings[-1][2]}), {len(moved)} streams moved, "
+                f"{len(late)} past deadline"
+            ),
         )
     )
-    result.passed = completed == len(everything) and not late and ejected_s <= STALE_S + 2.0
+    # By the router's own clock, not ours (polling, a busy CPU): while it still counted the
+    # stopped worker healthy, its last report was never older than the staleness window, and
+    # what took it out was that window (or the failed requests of the streams it moved).
+    stale_ok = all(age <= STALE_S * 1000 for healthy, age, _ in sightings if healthy)
+    why = sightings[-1][2]
+    result.passed = completed == len(everything) and not late and stale_ok
     assert [s.details for s in everything if not s.ok] == []
     assert not late
-    assert ejected_s <= STALE_S + 2.0  # report interval + staleness window, with room for a busy CPU
+    assert stale_ok, f"counted healthy with reports older than {STALE_S}s: {sightings}"
+    assert why.startswith(("stale", "ejected")), sightings[-1]
     assert moved, "the stopped worker carried no unfinished stream"
     assert all(victim not in s.workers for s in during)
     assert continued_at - stopped_at < DEADLINE_S
