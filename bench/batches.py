@@ -1,12 +1,15 @@
 """Batch jobs and the Python client, in one run, against a router and a fake worker:
 
-    python bench/batches.py [--requests 128] [--tokens 16] [--token-delay-ms 2] [--calls 1000]
+    python bench/batches.py [--requests 128] [--tokens 16] [--token-delay-ms 2] [--rounds 5] [--calls 1000]
 
 The servers run in processes of their own (`bench/router.py --serve`). Prints two tables:
 
-1. The same N requests three ways: one at a time with `Client.generate` (what a plain script
-   does), as one batch job (submit, poll until done), and 16 at a time from an `AsyncClient`
-   (hand-written concurrency). Wall time and requests/s, as ratios to one at a time.
+1. The same N requests three ways: as one batch job (submit, poll until done), which the
+   router runs `batch_concurrency` (16) at a time; the same number at a time from an
+   `AsyncClient` (hand-written concurrency, the like-for-like baseline); and one at a time with
+   `Client.generate` (what a plain script does, for reference, run once). The batch job and
+   the AsyncClient alternate over --rounds rounds: medians of the wall times, and the ratio
+   column is the median of the per-round ratios to the AsyncClient at the same concurrency.
 2. What `infermesh.client.Client` adds to a unary call over the bare generated stub
    (ListModels, p50 and p99 over --calls calls each, interleaved in rounds).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -30,8 +34,11 @@ import grpc  # noqa: E402
 from bench.router import _spawn as spawn  # noqa: E402
 from infermesh.client import AsyncClient, BatchItem, Client  # noqa: E402
 from infermesh.router.v1 import router_pb2, router_pb2_grpc  # noqa: E402
+from services.router.config import RouterConfig  # noqa: E402
 
-CONCURRENCY = 16
+# What the router (started with its defaults) runs of one batch job at a time; the hand-written
+# baseline keeps as many requests in flight, so the two compare like with like.
+CONCURRENCY = RouterConfig().batch_concurrency
 
 
 def prompts(n: int, tokens: int) -> list[str]:
@@ -100,6 +107,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=16, help="tokens per reply")
     parser.add_argument("--token-delay-ms", type=float, default=2.0, help="fake worker's pause per token")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of batch job vs AsyncClient")
     parser.add_argument("--calls", type=int, default=1000, help="unary calls per side in table 2")
     args = parser.parse_args()
 
@@ -117,8 +125,15 @@ def main() -> None:
                 time.sleep(0.1)
         texts = prompts(args.requests, args.tokens)
         sequential = one_at_a_time(address, texts, args.tokens)
-        batch = as_batch(address, texts, args.tokens)
-        concurrent = asyncio.run(concurrently(address, texts, args.tokens))
+        batch: list[float] = []
+        concurrent: list[float] = []
+        for r in range(args.rounds):
+            # Each starts every other round: neither always runs on the other's leftovers.
+            for way in ("batch", "concurrent") if r % 2 == 0 else ("concurrent", "batch"):
+                if way == "batch":
+                    batch.append(as_batch(address, texts, args.tokens))
+                else:
+                    concurrent.append(asyncio.run(concurrently(address, texts, args.tokens)))
         bare, wrapped = unary_latencies(address, args.calls)
     finally:
         for proc in reversed(procs):
@@ -129,15 +144,18 @@ def main() -> None:
     n = args.requests
     print(
         f"\n{n} requests of {args.tokens} tokens, fake worker {args.token_delay_ms} ms/token, "
-        f"router batch_concurrency default\n"
+        f"{args.rounds} rounds, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
+        f"router batch_concurrency {CONCURRENCY} (its default)\n"
     )
-    print(f"{'way':<34}{'seconds':>9}{'requests/s':>12}{'vs one at a time':>18}")
-    for label, seconds in (
-        ("one at a time (Client.generate)", sequential),
-        ("one batch job (submit + poll)", batch),
+    print(f"{'way':<46}{'seconds':>9}{'requests/s':>12}{f'vs AsyncClient x{CONCURRENCY}':>20}")
+    for label, runs in (
+        (f"one batch job (submit + poll), {CONCURRENCY} at a time", batch),
         (f"{CONCURRENCY} at a time (AsyncClient)", concurrent),
+        ("one at a time (Client.generate), reference", [sequential] * len(concurrent)),
     ):
-        print(f"{label:<34}{seconds:>9.2f}{n / seconds:>12.1f}{sequential / seconds:>17.2f}x")
+        seconds = statistics.median(runs)
+        ratio = statistics.median(c / s for c, s in zip(concurrent, runs, strict=True))
+        print(f"{label:<46}{seconds:>9.2f}{n / seconds:>12.1f}{ratio:>19.2f}x")
     print(f"\nListModels, {len(bare)} calls each side")
     print(f"{'':<34}{'bare stub':>10}{'Client':>10}{'difference':>12}")
     for q in (50, 99):
