@@ -1,17 +1,21 @@
 """The worker engine against Hugging Face transformers on the same weights, in one run.
 
-    python bench/worker.py [--dtype bfloat16] [--threads 0] [--requests 64] [--skip-hf]
+    python bench/worker.py [--dtype auto] [--weights auto] [--threads 0] [--requests 64] [--skip-hf]
 
 Workload "mixed-64": 64 chat requests (seeded), prompts of 20-300 tokens, max_tokens drawn
 from 16-256, ignore_eos, all submitted at t=0. Baseline: transformers `generate` with
 static batches of 16 in arrival order (left-padded; a batch runs until its longest
-request is done, which is how a static batcher serves), same dtype, same threads.
+request is done, which is how a static batcher serves), same threads, in whichever of
+float32 and bfloat16 it runs faster on this machine (timed first, printed): the engine
+chooses its kernels by measurement, so the baseline gets its best dtype too.
 
 Each contender runs in a process of its own (no shared thread pools, and its own peak
-RSS). Printed: generated tokens/s on mixed-64 and the ratio to the baseline, tokens/s at
-1/8/32/64 concurrent requests, single-stream decode against transformers batch 1, time
-to first token of a second conversation turn (~1,000 tokens) with and without the prefix
-cache, and peak RSS. Read the ratios; absolute figures move with the machine's load.
+RSS). Printed: generated tokens/s on mixed-64 and the ratio to the baseline, decode tokens/s
+at 1/8/32/64/128 concurrent streams beside the engine's own bare batched forward pass at
+that batch (same kernels, no attention reads: what the engine would do if stepping cost
+nothing but the model), single-stream decode against transformers batch 1, time to first
+token of a second conversation turn (~1,000 tokens) with and without the prefix cache, and
+peak RSS. Read the ratios; absolute figures move with the machine's load.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ from services.worker.tokenizer import Tokenizer  # noqa: E402
 TOKENIZER = Tokenizer.load(packaged_model_path(), ROOT / ".cache" / "worker", eos_token_ids=(2,))
 STATIC_BATCH = 16
 DECODE_TOKENS = 128
-LEVELS = (1, 8, 32, 64)
+LEVELS = (1, 8, 32, 64, 128)
 LEVEL_MAX_TOKENS = 64
+# Seats in the engine: the largest level runs as one batch.
+MAX_RUNNING = 128
 CORPUS = (
     "The lighthouse keeper climbed the spiral stairs every evening to light the lamp. Ships passed "
     "in the night, their crews grateful for the steady beam that marked the rocks. In winter the "
@@ -86,7 +92,9 @@ def conversation(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
 # --- our engine -------------------------------------------------------------------------------
 
 
-def make_engine(dtype: str, *, max_running: int = 64, prefix_caching: bool = True) -> Any:
+def make_engine(
+    dtype: str, weights: str, *, max_running: int = MAX_RUNNING, prefix_caching: bool = True
+) -> Any:
     """The engine as the worker service builds it: model loaded on the engine's own model thread.
 
     Loading on another thread would give torch a second OpenMP team; with more OpenMP threads
@@ -94,19 +102,24 @@ def make_engine(dtype: str, *, max_running: int = 64, prefix_caching: bool = Tru
     """
     from services.worker.config import WorkerConfig
     from services.worker.engine import Engine, model_thread
-    from services.worker.runner import ModelRunner
-    from services.worker.service import build_batching
+    from services.worker.service import _load_model, build_batching
 
     config = WorkerConfig(
-        dtype=dtype, max_context=2048, max_running=max_running, prefix_caching=prefix_caching
+        dtype=dtype,
+        weights=weights,
+        max_context=2048,
+        max_running=max_running,
+        prefix_caching=prefix_caching,
+        max_waiting=1024,
     )
     executor = model_thread()
 
     def load() -> Any:
-        runner, _ = ModelRunner.load(packaged_model_path(), torch.device("cpu"), getattr(torch, dtype), 2048)
-        return build_batching(config, runner)
+        runner, _, _ = _load_model(config)
+        return runner, build_batching(config, runner)
 
-    return Engine(*executor.submit(load).result(), executor=executor)
+    runner, batching = executor.submit(load).result()
+    return runner, Engine(*batching, executor=executor)
 
 
 def new_seq(ids: list[int], max_tokens: int, request_id: str) -> Any:
@@ -150,6 +163,41 @@ async def decode_rate(engine: Any, ids: list[int]) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+async def concurrent_decode(engine: Any, work: list[tuple[list[int], int]]) -> float:
+    """Decode tokens/s of len(work) streams running together: tokens sampled between the moment
+    the last stream got its first token (every prefill done) and the moment the first one ended."""
+    stamps: list[list[float]] = [[] for _ in work]
+
+    async def one(i: int, ids: list[int], max_tokens: int) -> None:
+        async for delta in engine.submit(new_seq(ids, max_tokens, f"c{i}")).deltas():
+            stamps[i] += [time.perf_counter()] * len(delta.token_ids)
+
+    await asyncio.gather(*(one(i, ids, m) for i, (ids, m) in enumerate(work)))
+    begin = max(s[0] for s in stamps)
+    end = min(s[-1] for s in stamps)
+    tokens = sum(sum(1 for t in s if begin < t <= end) for s in stamps)
+    return tokens / (end - begin)
+
+
+def bare_forward_rate(runner: Any, rows: int, repeats: int = 3) -> float:
+    """The model alone on `rows` decode tokens, every layer and the vocabulary projection, with
+    the kernel the engine's plan runs at that batch and no attention reads: tokens/s."""
+    from services.worker.model.kernel_bench import _NoAttention
+
+    model = runner.model
+    kernel = runner.plan.kernel_for(rows)
+    with torch.inference_mode():
+        dtype = model.embed_tokens.weight.dtype
+        x = torch.randn(1, rows, model.args.hidden_size, dtype=dtype)
+        ctx = _NoAttention(*model.rope(torch.arange(rows).unsqueeze(0), dtype), kernel)
+        best = float("inf")
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            model.compute_logits(model.run_layers(x, ctx)[0], kernel).argmax(-1)
+            best = min(best, time.perf_counter() - started)
+    return rows / best
+
+
 async def ttft(engine: Any, ids: list[int]) -> float:
     started = time.perf_counter()
     async for _ in engine.submit(new_seq(ids, 1, "ttft")).deltas():
@@ -159,21 +207,26 @@ async def ttft(engine: Any, ids: list[int]) -> float:
 
 async def ours(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str, Any]:
     work = workload(tokenizer, args.requests)
-    engine = make_engine(args.dtype)
+    runner, engine = make_engine(args.dtype, args.weights)
     engine.start()
     await run_all(engine, [(ids, 4) for ids, _ in work[:4]])  # warm-up
     tokens, seconds, firsts = await run_all(engine, work)
     result: dict[str, Any] = {
+        "kernels": runner.plan.describe(),
         "mixed_tok_s": tokens / seconds,
         "mixed_tokens": tokens,
         "mixed_s": seconds,
         "ttft_p50_s": statistics.median(firsts),
         "levels": {},
+        "bare": {},
     }
-    for level in LEVELS:
+    for level in args.levels:
         shifted = workload(tokenizer, level, seed=level)  # new prompts: no prefix-cache help
-        tokens, seconds, _ = await run_all(engine, [(ids, LEVEL_MAX_TOKENS) for ids, _ in shifted])
-        result["levels"][level] = tokens / seconds
+        result["levels"][level] = await concurrent_decode(
+            engine, [(ids, LEVEL_MAX_TOKENS) for ids, _ in shifted]
+        )
+        # On the model thread, as the engine runs it (one OpenMP team).
+        result["bare"][level] = engine._executor.submit(bare_forward_rate, runner, level).result()
     result["decode_tok_s"] = await decode_rate(engine, work[0][0])
     first, second = conversation(tokenizer)
     result["conversation_tokens"] = len(second)
@@ -182,7 +235,8 @@ async def ours(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str, Any]
     await engine.stop()
     # Before a second model comes in for the cold run: the worker as it serves.
     result["peak_rss_mb"] = rss_mb()
-    cold = make_engine(args.dtype, prefix_caching=False)
+    result["kv_cache_mb"] = engine.scheduler.blocks.num_blocks * kv_block_mb(runner)
+    _, cold = make_engine(args.dtype, args.weights, prefix_caching=False)
     cold.start()
     await ttft(cold, first[:8])  # warm-up
     result["ttft_uncached_s"] = await ttft(cold, second)
@@ -190,36 +244,64 @@ async def ours(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str, Any]
     return result
 
 
+def kv_block_mb(runner: Any) -> float:
+    from services.worker.config import WorkerConfig
+    from services.worker.model.paged_kv_cache import PagedKVCache
+
+    size = WorkerConfig().kv_block_size
+    return PagedKVCache.block_bytes(runner.args, size, runner.cache_dtype) / 2**20
+
+
 # --- transformers -----------------------------------------------------------------------------
+
+
+def hf_fastest_dtype(tokenizer: Tokenizer) -> str:
+    """float32 or bfloat16, whichever runs transformers' static batch of 16 faster here."""
+    from tests.fixtures.reference_model import load_reference
+
+    work = workload(tokenizer, STATIC_BATCH, seed=7)
+    pad = tokenizer.eos_token_ids[0]
+    seconds = {}
+    for dtype in ("float32", "bfloat16"):
+        model = load_reference(packaged_model_path(), getattr(torch, dtype))
+        with torch.inference_mode():
+            static_batch(model, [(ids, 4) for ids, _ in work[:2]], pad)  # warm-up
+            started = time.perf_counter()
+            static_batch(model, [(ids, 8) for ids, _ in work], pad)
+            seconds[dtype] = time.perf_counter() - started
+        del model
+    return min(seconds, key=seconds.__getitem__)
+
+
+def static_batch(model: Any, batch: list[tuple[list[int], int]], pad: int) -> None:
+    longest = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([[pad] * (longest - len(p)) + p for p, _ in batch])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p, _ in batch])
+    new = max(m for _, m in batch)
+    # min_new_tokens: runs to the end like ignore_eos does on our side.
+    model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        pad_token_id=pad,
+    )
 
 
 def hf(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str, Any]:
     from tests.fixtures.reference_model import load_reference
 
-    model = load_reference(packaged_model_path(), getattr(torch, args.dtype))
+    dtype = args.dtype if args.dtype != "auto" else hf_fastest_dtype(tokenizer)
+    model = load_reference(packaged_model_path(), getattr(torch, dtype))
     work = workload(tokenizer, args.requests)
     pad = tokenizer.eos_token_ids[0]
 
-    def static_batch(batch: list[tuple[list[int], int]]) -> None:
-        longest = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([[pad] * (longest - len(p)) + p for p, _ in batch])
-        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p, _ in batch])
-        new = max(m for _, m in batch)
-        # min_new_tokens: runs to the end like ignore_eos does on our side.
-        model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=pad,
-        )
-
     with torch.inference_mode():
-        static_batch([(ids, 4) for ids, _ in work[:2]])  # warm-up
+        static_batch(model, [(ids, 4) for ids, _ in work[:2]], pad)  # warm-up
         started = time.perf_counter()
         for i in range(0, len(work), STATIC_BATCH):
-            static_batch(work[i : i + STATIC_BATCH])
+            static_batch(model, work[i : i + STATIC_BATCH], pad)
         seconds = time.perf_counter() - started
         # Useful tokens only: what a static batch generates past a request's max_tokens is thrown away.
         useful = sum(m for _, m in work)
@@ -233,6 +315,7 @@ def hf(args: argparse.Namespace, tokenizer: Tokenizer) -> dict[str, Any]:
         )
         decode = (DECODE_TOKENS - 1) / (time.perf_counter() - started - first)
     return {
+        "dtype": dtype,
         "mixed_tok_s": useful / seconds,
         "mixed_s": seconds,
         "decode_tok_s": decode,
@@ -252,7 +335,8 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(role: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--role", role, "--dtype", args.dtype, "--threads", str(args.threads)]
-    cmd += ["--requests", str(args.requests)]
+    cmd += ["--requests", str(args.requests), "--weights", args.weights]
+    cmd += ["--levels", ",".join(map(str, args.levels))]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -264,9 +348,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32"))
+    parser.add_argument("--weights", default="auto", choices=("auto", "dense", "int4", "int8"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads in both; 0: torch's default")
     parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument(
+        "--levels",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=LEVELS,
+        help="concurrent decode levels, comma-separated",
+    )
     parser.add_argument("--skip-hf", action="store_true", help="only our engine (no ratios)")
     parser.add_argument("--role", choices=("ours", "hf"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -275,9 +366,9 @@ def main() -> None:
     base = None if args.skip_hf else run_child("hf", args)
     mine = run_child("ours", args)
     threads = args.threads or torch.get_num_threads()
-    print(
-        f"mixed-{args.requests}, {args.dtype}, {threads} threads; baseline: transformers static batches of 16"
-    )
+    print(f"mixed-{args.requests}, {threads} threads; infermesh kernels: {mine['kernels']}")
+    if base is not None:
+        print(f"baseline: transformers static batches of 16 (batch 1 for single stream), {base['dtype']}")
     print(f"{'measure':<44}{'infermesh':>12}{'baseline':>12}{'ratio':>8}")
 
     def row(name: str, value: float, baseline: float | None = None, fmt: str = ".1f") -> None:
@@ -288,8 +379,9 @@ def main() -> None:
     row("mixed: generated tok/s", mine["mixed_tok_s"], base and base["mixed_tok_s"])
     row("mixed: wall s", mine["mixed_s"], base and base["mixed_s"])
     row("mixed: time to first token p50 s", mine["ttft_p50_s"], fmt=".2f")
+    print(f"{'  (next rows: baseline column is the bare batched forward at that batch)':<44}")
     for level, rate in mine["levels"].items():
-        row(f"{level} concurrent ({LEVEL_MAX_TOKENS} tokens each): tok/s", rate)
+        row(f"{level} concurrent decode tok/s", rate, mine["bare"][level])
     row("single-stream decode tok/s", mine["decode_tok_s"], base and base["decode_tok_s"])
     row(
         f"second turn TTFT s ({mine['conversation_tokens']} tok), cached",
@@ -299,6 +391,9 @@ def main() -> None:
     )
     print(f"{'  (baseline column: same turn without prefix cache)':<44}")
     row("peak RSS MB", mine["peak_rss_mb"], base and base["peak_rss_mb"], fmt=".0f")
+    beyond = mine["peak_rss_mb"] - mine["kv_cache_mb"]
+    name = f"peak RSS beyond the {mine['kv_cache_mb']:.0f} MB KV cache"
+    row(name, beyond, base and base["peak_rss_mb"], fmt=".0f")
 
 
 if __name__ == "__main__":

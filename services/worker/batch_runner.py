@@ -12,9 +12,10 @@ from collections.abc import Callable, Mapping
 import torch
 
 from services.worker.core.scheduler import SchedulerOutput
+from services.worker.model.kernels import Kernel, KernelPlan
 from services.worker.model.llama import LlamaModel
 from services.worker.model.paged_kv_cache import PagedForwardContext, PagedKVCache
-from services.worker.sampler import sample
+from services.worker.sampler import sample_rows
 from services.worker.sequence import GenSequence
 from services.worker.step import StepInterrupted
 
@@ -23,9 +24,11 @@ _INTERRUPTIBLE_SHARE = 0.75
 
 
 class BatchRunner:
-    def __init__(self, model: LlamaModel, cache: PagedKVCache) -> None:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, plan: KernelPlan | None = None) -> None:
         self.model = model
         self.cache = cache
+        # Which kernel a step of n token rows runs; default: dense in the weights' dtype.
+        self.plan = plan or KernelPlan.single(Kernel("dense", model.embed_tokens.weight.dtype))
 
     @torch.inference_mode()
     def execute(
@@ -43,14 +46,16 @@ class BatchRunner:
             return {}
         device = self.cache.device
         ids = torch.tensor([[t for c in out.chunks for t in c.token_ids]], dtype=torch.long, device=device)
-        positions = torch.cat(
-            [torch.arange(c.start, c.start + len(c.token_ids)) for c in out.chunks]
-        ).unsqueeze(0)
+        positions = torch.tensor(
+            [[p for c in out.chunks for p in range(c.start, c.start + len(c.token_ids))]], dtype=torch.long
+        )
+        kernel = self.plan.kernel_for(ids.shape[1])
         x = self.model.embed_tokens(ids)
         ctx = PagedForwardContext.build(
             self.cache,
             [(c.start, len(c.token_ids), c.block_table) for c in out.chunks],
             self.model.rope(positions.to(device), x.dtype),
+            kernel,
         )
         hidden = self.model.run_layers(x, ctx, None if interrupt is None else self._checkpoint(interrupt))[0]
         sampling = [
@@ -60,13 +65,9 @@ class BatchRunner:
             return {}
         # Only the rows that sample pay for the vocabulary projection.
         rows = torch.tensor([row for _, row in sampling], device=device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
-        results: dict[str, tuple[int, float | None]] = {}
-        for (request_id, _), row_logits in zip(sampling, logits, strict=True):
-            seq = seqs[request_id]
-            seen = seq.all_ids if seq.sampling.repetition_penalty != 1.0 else ()
-            results[request_id] = sample(row_logits, seq.sampling, seen, seq.seed, seq.step_index)
-        return results
+        logits = self.model.compute_logits(hidden.index_select(0, rows), kernel)
+        picked = sample_rows(logits, [seqs[request_id] for request_id, _ in sampling])
+        return {request_id: result for (request_id, _), result in zip(sampling, picked, strict=True)}
 
     def _checkpoint(self, interrupt: Callable[[], bool]) -> Callable[[int], None]:
         last = int(len(self.model.layers) * _INTERRUPTIBLE_SHARE)

@@ -40,9 +40,20 @@ class WorkerConfig:
         choices=("auto", "cpu", "cuda", "mps"),
     )
     dtype: str = setting(
-        "bfloat16",
-        "Weights and activations dtype; float32 matches reference numerics most closely.",
-        choices=("bfloat16", "float16", "float32"),
+        "auto",
+        "What the projections multiply in. auto: float32 or bfloat16 (float16 too on a GPU), per "
+        "batch size, whichever the worker measured faster at start; the weights load as float32 "
+        "and the residual stream, norms and attention stay float32. A dtype named here is used "
+        "for everything; float32 matches reference numerics most closely.",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    weights: str = setting(
+        "auto",
+        "Weight format of the projections. auto: dense, and the file's own 4-bit groups (Q4_1) "
+        "where the worker measured them faster for a batch size (small batches read less "
+        "memory); dense: never quantised; int4 / int8: always 4-bit groups of 32 / 8-bit rows "
+        "(quantised at load when the file is not).",
+        choices=("auto", "dense", "int4", "int8"),
     )
     max_context: int = setting(
         0, "Prompt + generated tokens per sequence; 0 means the model's own context length.", min=0

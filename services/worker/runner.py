@@ -7,14 +7,17 @@ on the model thread; nothing here knows about asyncio.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from services.worker.model.args import ModelArgs
+from services.worker.model.kernel_bench import load_or_measure
+from services.worker.model.kernels import Kernel, KernelPlan
 from services.worker.model.kv_cache import ContiguousKVCache
 from services.worker.model.llama import LlamaModel
 from services.worker.model.loader import LoadedWeights, load_weights
@@ -24,14 +27,43 @@ from services.worker.sequence import GenSequence
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """What the runner chooses its kernels among, and how big its steps get."""
+
+    candidates: tuple[Kernel, ...]
+    # Most token rows of one step (the batch token budget), and most rows that sample (seats).
+    max_rows: int
+    max_sampled_rows: int
+    # Where a measured plan is kept between starts; None: measure every time.
+    cache_dir: Path | None = None
+    # Quantise weights the file did not ship quantised (weights="int4"/"int8" asked for it);
+    # otherwise a quantised kernel runs those dense.
+    quantize: bool = False
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, device: torch.device, dtype: torch.dtype, max_context: int) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_context: int,
+        plan: KernelPlan | None = None,
+    ) -> None:
         self.model = model
         self.args: ModelArgs = model.args
         self.device = device
+        # The loaded weights' dtype; the kernels a step runs are `plan`'s.
         self.dtype = dtype
         self.max_context = max_context
+        self.plan = plan or KernelPlan.single(Kernel("dense", dtype))
         self._cache: ContiguousKVCache | None = None
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """Attention and its KV cache stay in the model's dtype whatever the kernels multiply in."""
+        return self.dtype
 
     @property
     def cache(self) -> ContiguousKVCache:
@@ -45,45 +77,79 @@ class ModelRunner:
 
     @classmethod
     def from_weights(
-        cls, weights: LoadedWeights, device: torch.device, dtype: torch.dtype, max_context: int
+        cls,
+        weights: LoadedWeights,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_context: int,
+        kernels: KernelChoice | None = None,
     ) -> ModelRunner:
+        """The model on its device; with `kernels`, packed for and planned among those kernels."""
         # Built on the meta device: no memory or time goes into a random init the weights overwrite.
         with torch.device("meta"):
             model = LlamaModel(weights.args, max_positions=max_context)
         model = model.to(dtype).to_empty(device=device)
-        model.load_hf_tensors({k: v.to(device=device, dtype=dtype) for k, v in weights.tensors.items()})
+        model.load_hf_tensors(
+            {k: v.to(device=device, dtype=dtype) for k, v in weights.tensors.items()}, weights.q4
+        )
         model.place_rope(device)
         model.eval()
-        return cls(model, device, dtype, max_context)
+        if kernels is None:
+            model.drop_originals()
+            return cls(model, device, dtype, max_context)
+        model.pack(frozenset(kernels.candidates), quantize=kernels.quantize)
+        plan = load_or_measure(
+            model,
+            kernels.candidates,
+            max_rows=kernels.max_rows,
+            max_sampled_rows=kernels.max_sampled_rows,
+            cache_dir=kernels.cache_dir,
+        )
+        # Only what the plan runs stays in memory.
+        model.pack(frozenset(plan.kernels), quantize=kernels.quantize)
+        model.drop_originals()
+        return cls(model, device, dtype, max_context, plan)
 
     @classmethod
     def load(
-        cls, path: Path, device: torch.device, dtype: torch.dtype, max_context: int = 0
+        cls,
+        path: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_context: int = 0,
+        kernels: KernelChoice | Callable[[LoadedWeights], KernelChoice] | None = None,
     ) -> tuple[ModelRunner, LoadedWeights]:
+        """`kernels` may depend on the file (what it ships quantised): a function of the weights."""
         started = time.perf_counter()
         weights = load_weights(path, dtype)
-        runner = cls.from_weights(weights, device, dtype, max_context or weights.args.context_length)
+        choice = kernels(weights) if callable(kernels) else kernels
+        runner = cls.from_weights(weights, device, dtype, max_context or weights.args.context_length, choice)
         logger.info(
             "model loaded",
             extra={
                 "source": weights.source,
                 "seconds": round(time.perf_counter() - started, 2),
                 "device": str(device),
+                "kernels": runner.plan.describe(),
             },
         )
         weights.tensors.clear()
+        weights.q4.clear()
         return runner, weights
 
     @torch.inference_mode()
-    def logits(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
-        """float32 logits [len(token_ids), vocab] of every position of the chunk."""
-        return self.model.compute_logits(self._hidden(token_ids, start))[0]
+    def logits(self, token_ids: Sequence[int], start: int, kernel: Kernel | None = None) -> torch.Tensor:
+        """float32 logits [len(token_ids), vocab] of every position of the chunk (dense in the
+        weights' dtype, or as `kernel` runs it)."""
+        kernel = kernel or self.plan.kernel_for(len(token_ids))
+        return self.model.compute_logits(self._hidden(token_ids, start, kernel), kernel)[0]
 
     @torch.inference_mode()
     def sample_next(self, seq: GenSequence, token_ids: Sequence[int], start: int) -> tuple[int, float | None]:
         """Run the chunk that ends the sequence's known tokens and sample what follows."""
-        hidden = self._hidden(token_ids, start)
-        logits = self.model.compute_logits(hidden[0, -1])
+        kernel = self.plan.kernel_for(len(token_ids))
+        hidden = self._hidden(token_ids, start, kernel)
+        logits = self.model.compute_logits(hidden[0, -1], kernel)
         seen = seq.all_ids if seq.sampling.repetition_penalty != 1.0 else ()
         return sample(logits, seq.sampling, seen, seq.seed, seq.step_index)
 
@@ -97,7 +163,7 @@ class ModelRunner:
             chunk = [token]
         return seq.output_ids
 
-    def _hidden(self, token_ids: Sequence[int], start: int) -> torch.Tensor:
+    def _hidden(self, token_ids: Sequence[int], start: int, kernel: Kernel | None = None) -> torch.Tensor:
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         positions = torch.arange(start, start + ids.shape[1], device=self.device).unsqueeze(0)
-        return self.model(ids, positions, self.cache, start)
+        return self.model(ids, positions, self.cache, start, kernel or self.plan.kernel_for(ids.shape[1]))

@@ -7,6 +7,7 @@ same seed gives the same tokens, also when a stream resumes on another worker.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -84,3 +85,46 @@ def sample(
         token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
     logprob = float(torch.log_softmax(raw, -1)[token]) if params.logprobs else None
     return token, logprob
+
+
+class Sampled(Protocol):
+    """What batched sampling reads of a sequence."""
+
+    @property
+    def sampling(self) -> SamplingParams: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def step_index(self) -> int: ...
+    @property
+    def all_ids(self) -> list[int]: ...
+
+
+def sample_rows(logits: torch.Tensor, seqs: Sequence[Sampled]) -> list[tuple[int, float | None]]:
+    """`sample` for each row of float32 logits [n, vocab], row i for seqs[i].
+
+    Greedy rows without a repetition penalty (most of a serving batch) take one argmax over
+    all of them, and the rows that ask for logprobs one log-softmax: a call per row costs more
+    than the arithmetic at a batch of dozens. The other rows draw one by one with their own
+    seeded generators, exactly as `sample` does alone.
+    """
+    plain = [i for i, s in enumerate(seqs) if s.sampling.greedy and s.sampling.repetition_penalty == 1.0]
+    results: list[tuple[int, float | None]] = [(0, None)] * len(seqs)
+    if plain:
+        rows = torch.tensor(plain, device=logits.device)
+        picked = logits.index_select(0, rows).argmax(-1).tolist()
+        for i, token in zip(plain, picked, strict=True):
+            results[i] = (token, None)
+    plain_set = set(plain)
+    for i, seq in enumerate(seqs):
+        if i not in plain_set:
+            seen = seq.all_ids if seq.sampling.repetition_penalty != 1.0 else ()
+            results[i] = sample(logits[i], seq.sampling, seen, seq.seed, seq.step_index)
+    wanted = [i for i in plain if seqs[i].sampling.logprobs]
+    if wanted:
+        rows = torch.tensor(wanted, device=logits.device)
+        tokens = torch.tensor([results[i][0] for i in wanted], device=logits.device)
+        logprobs = torch.log_softmax(logits.index_select(0, rows), -1).gather(1, tokens.unsqueeze(1))
+        for i, value in zip(wanted, logprobs[:, 0].tolist(), strict=True):
+            results[i] = (results[i][0], value)
+    return results

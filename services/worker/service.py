@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.common.config import ConfigError
 from services.common.device import DeviceStats, device_stats, resolve_device, torch_dtype
@@ -26,7 +27,8 @@ from services.worker.core.block_manager import BlockManager
 from services.worker.core.scheduler import Scheduler, SchedulerLimits
 from services.worker.engine import Engine, EngineLoad, model_thread
 from services.worker.health import HealthProbe
-from services.worker.model.loader import packaged_model_path
+from services.worker.model.kernel_bench import candidates
+from services.worker.model.loader import LoadedWeights, packaged_model_path
 from services.worker.model.paged_kv_cache import PagedKVCache
 from services.worker.request import (
     ChatTurn,
@@ -38,9 +40,12 @@ from services.worker.request import (
     plan_tokens,
     validate_request,
 )
-from services.worker.runner import ModelRunner
+from services.worker.runner import KernelChoice, ModelRunner
 from services.worker.sequence import Delta, GenSequence
 from services.worker.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +175,8 @@ class WorkerService:
         return await asyncio.to_thread(self.tokenizer.encode, prompt or "")
 
     def device(self) -> DeviceStats:
-        return device_stats(self.runner.device, self.config.dtype)
+        # The kernels the worker chose (e.g. "int4-bf16 <=8, fp32 above"), where clients see a dtype.
+        return device_stats(self.runner.device, self.runner.plan.describe())
 
     def load_report(self) -> LoadSnapshot:
         return LoadSnapshot(self.endpoint_id, time.time(), (self.card,), self.device(), self.engine.load())
@@ -221,7 +227,7 @@ class WorkerService:
 
 def build_batching(config: WorkerConfig, runner: ModelRunner) -> tuple[BatchRunner, Scheduler]:
     """The paged KV cache sized from config, and the scheduler that hands out its blocks."""
-    block_bytes = PagedKVCache.block_bytes(runner.args, config.kv_block_size, runner.dtype)
+    block_bytes = PagedKVCache.block_bytes(runner.args, config.kv_block_size, runner.cache_dtype)
     num_blocks = config.kv_cache_mb * 2**20 // block_bytes
     # A sequence must fit the cache at full context, or long requests could never run.
     needed = -(-runner.max_context // config.kv_block_size)
@@ -231,7 +237,7 @@ def build_batching(config: WorkerConfig, runner: ModelRunner) -> tuple[BatchRunn
             f"{config.kv_block_size} positions; one sequence at max_context={runner.max_context} needs "
             f"{needed} ({needed * block_bytes / 2**20:.0f} MB)"
         )
-    cache = PagedKVCache(runner.args, num_blocks, config.kv_block_size, runner.dtype, runner.device)
+    cache = PagedKVCache(runner.args, num_blocks, config.kv_block_size, runner.cache_dtype, runner.device)
     blocks = BlockManager(num_blocks, config.kv_block_size, enable_prefix_caching=config.prefix_caching)
     limits = SchedulerLimits(
         max_num_seqs=config.max_running,
@@ -243,9 +249,32 @@ def build_batching(config: WorkerConfig, runner: ModelRunner) -> tuple[BatchRunn
     )
     logger.info(
         "KV cache ready",
-        extra={"blocks": num_blocks, "block_size": config.kv_block_size, "mb": cache.nbytes // 2**20},
+        extra={
+            "blocks": num_blocks,
+            "block_size": config.kv_block_size,
+            "mb": cache.nbytes // 2**20,
+            "dtype": str(runner.cache_dtype).removeprefix("torch."),
+        },
     )
-    return BatchRunner(runner.model, cache), Scheduler(blocks, limits)
+    return BatchRunner(runner.model, cache, runner.plan), Scheduler(blocks, limits)
+
+
+def kernel_choice(
+    config: WorkerConfig, device: torch.device, weights: LoadedWeights, cache_dir: Path
+) -> KernelChoice:
+    """The kernels this worker may run, for the plan it measures at start."""
+    shipped = "int4" if weights.q4 else None
+    try:
+        kernels = candidates(device, config.dtype, config.weights, shipped)
+    except ValueError as exc:
+        raise ConfigError(f"worker.{exc}") from exc
+    return KernelChoice(
+        tuple(kernels),
+        max_rows=config.max_batch_tokens,
+        max_sampled_rows=config.max_running,
+        cache_dir=cache_dir / "kernels",
+        quantize=config.weights in ("int4", "int8"),
+    )
 
 
 def _load_model(config: WorkerConfig) -> tuple[ModelRunner, Tokenizer, str]:
@@ -256,12 +285,16 @@ def _load_model(config: WorkerConfig) -> tuple[ModelRunner, Tokenizer, str]:
     path = Path(config.model_path) if config.model_path else packaged_model_path()
     device = resolve_device(config.device, "worker.device")
     logger.info("loading model", extra={"source": path.name, "device": str(device), "dtype": config.dtype})
-    runner, weights = ModelRunner.load(path, device, torch_dtype(config.dtype), config.max_context)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else REPO_ROOT / ".cache" / "worker"
+    # auto: weights load as float32 and every other dtype is derived from that.
+    master = torch_dtype("float32" if config.dtype == "auto" else config.dtype)
+    runner, weights = ModelRunner.load(
+        path, device, master, config.max_context, lambda w: kernel_choice(config, device, w, cache_dir)
+    )
     if runner.max_context > weights.args.context_length:
         raise ConfigError(
             f"worker.max_context={config.max_context}: must be <= the model's context length "
             f"{weights.args.context_length}"
         )
-    cache_dir = Path(config.cache_dir) if config.cache_dir else REPO_ROOT / ".cache" / "worker"
     tokenizer = Tokenizer.load(path, cache_dir, weights.eos_token_ids)
     return runner, tokenizer, weights.source

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.worker.model.args import ModelArgs, RopeScaling
+from services.worker.model.kernels import Kernel, Projection, Q4Groups
 from services.worker.model.kv_cache import ContiguousKVCache
 
 
@@ -68,9 +69,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class AttentionContext(Protocol):
     """What every layer needs for one forward pass besides the hidden states."""
 
-    # float32 RoPE tables cast to the model dtype, [1, 1, T, head_dim].
+    # float32 RoPE tables cast to the activations' dtype, [1, 1, T, head_dim].
     cos: torch.Tensor
     sin: torch.Tensor
+    # How this pass runs its projections; None: dense in the weights' own dtype.
+    kernel: Kernel | None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store the chunk's k/v ([1, kv_heads, T, head_dim]) and attend q ([1, heads, T, head_dim])."""
@@ -88,10 +91,12 @@ class ForwardContext:
     start: int
     # None: no mask (one token) or plain causal from position 0.
     mask: torch.Tensor | None
+    kernel: Kernel | None = None
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.cache.update(layer, k, v, self.start)
-        return attention(q, keys, values, self.mask)
+        # The cache keeps one dtype; a pass whose kernel computes in another attends in the cache's.
+        return attention(q.to(keys.dtype), keys, values, self.mask).to(q.dtype)
 
 
 def attention(
@@ -113,11 +118,18 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self._cast: dict[torch.dtype, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the model dtype, then scale in the model dtype (as HF does).
+        # Normalise in float32 whatever the model dtype, then scale in the activations' dtype (as
+        # HF does in a model of that dtype).
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        weight = self.weight
+        if weight.dtype != x.dtype:
+            if x.dtype not in self._cast:
+                self._cast[x.dtype] = weight.detach().to(x.dtype)
+            weight = self._cast[x.dtype]
+        return weight * normed.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -129,30 +141,30 @@ class Attention(nn.Module):
         self.head_dim = args.head_dim
         q_size, kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.attention_bias)
-        self.o_proj = nn.Linear(q_size, args.hidden_size, bias=False)
+        self.qkv_proj = Projection(args.hidden_size, q_size + 2 * kv_size, bias=args.attention_bias)
+        self.o_proj = Projection(q_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q, k, v = self.qkv_proj(x, ctx.kernel).split(self.split, dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * ctx.cos + rotate_half(q) * ctx.sin
         k = k * ctx.cos + rotate_half(k) * ctx.sin
         out = ctx.attend(self.layer, q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1), ctx.kernel)
 
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj = Projection(args.hidden_size, 2 * args.intermediate_size, bias=False)
+        self.down_proj = Projection(args.intermediate_size, args.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, kernel: Kernel | None = None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, kernel).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, kernel)
 
 
 class DecoderLayer(nn.Module):
@@ -165,7 +177,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), ctx.kernel)
 
 
 class LlamaModel(nn.Module):
@@ -182,9 +194,9 @@ class LlamaModel(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = (
-            None if args.tie_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        )
+        self.lm_head = None if args.tie_embeddings else Projection(args.hidden_size, args.vocab_size)
+        # The vocabulary projection as `pack` made it (tied: over the embedding's weight).
+        self.head: Projection | None = None
         # Plain attributes, not buffers: they stay float32 (as the reference computes them)
         # when the weights move to another dtype. `place_rope` moves them to a device.
         self.rope_cos, self.rope_sin = rope_tables(args, max_positions, torch.device("cpu"))
@@ -193,13 +205,18 @@ class LlamaModel(nn.Module):
         self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: ContiguousKVCache, start: int
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: ContiguousKVCache,
+        start: int,
+        kernel: Kernel | None = None,
     ) -> torch.Tensor:
         """input_ids/positions: [1, T]; the tokens sit at cache positions start..start+T."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions, x.dtype)
-        ctx = ForwardContext(cos, sin, cache, start, chunk_mask(input_ids.shape[1], start, x.device))
-        return self.run_layers(x, ctx)
+        mask = chunk_mask(input_ids.shape[1], start, x.device)
+        return self.run_layers(x, ForwardContext(cos, sin, cache, start, mask, kernel))
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of `positions` ([1, T]) as [1, 1, T, head_dim] in `dtype`."""
@@ -222,21 +239,55 @@ class LlamaModel(nn.Module):
             x = layer(x, ctx)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, kernel: Kernel | None = None) -> torch.Tensor:
+        if self.head is not None:
+            return self.head(hidden, kernel).float()
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 
-    def load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy Hugging Face-named tensors in, fusing Q/K/V and gate/up."""
+    def pack(self, kernels: frozenset[Kernel], *, quantize: bool = False) -> None:
+        """Give every projection (the vocabulary one included) the formats these kernels run,
+        and only those; `quantize`: see `Projection.pack`."""
+        if self.head is None:
+            if self.lm_head is None:
+                # Tied: over the embedding's weight, shared, not copied.
+                self.head = Projection(self.args.hidden_size, self.args.vocab_size)
+                self.head.weight = self.embed_tokens.weight
+            else:
+                self.head = self.lm_head
+        for module in self.modules():
+            if isinstance(module, Projection):
+                module.pack(kernels, quantize=quantize)
+
+    def drop_originals(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Projection):
+                module.drop_original()
+
+    def load_hf_tensors(
+        self, tensors: dict[str, torch.Tensor], q4: dict[str, Q4Groups] | None = None
+    ) -> None:
+        """Copy Hugging Face-named tensors in, fusing Q/K/V and gate/up (and their 4-bit originals)."""
         own = dict(tensors)
+        q4 = dict(q4 or {})
+        fused: dict[str, Q4Groups] = {}
         for i in range(self.args.num_layers):
             p = f"layers.{i}."
-            for kind in ("weight", "bias"):
-                parts = [own.pop(f"{p}self_attn.{n}_proj.{kind}", None) for n in ("q", "k", "v")]
-                if all(t is not None for t in parts):
-                    own[f"{p}self_attn.qkv_proj.{kind}"] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
-            gate, up = own.pop(f"{p}mlp.gate_proj.weight"), own.pop(f"{p}mlp.up_proj.weight")
-            own[f"{p}mlp.gate_up_proj.weight"] = torch.cat((gate, up), dim=0)
+            groups = {
+                f"{p}self_attn.qkv_proj": [f"{p}self_attn.{n}_proj" for n in ("q", "k", "v")],
+                f"{p}mlp.gate_up_proj": [f"{p}mlp.gate_proj", f"{p}mlp.up_proj"],
+            }
+            for target, sources in groups.items():
+                for kind in ("weight", "bias"):
+                    parts = [own.pop(f"{n}.{kind}", None) for n in sources]
+                    if all(t is not None for t in parts):
+                        own[f"{target}.{kind}"] = torch.cat(parts, dim=0)  # type: ignore[arg-type]
+                originals = [q4.pop(f"{n}.weight", None) for n in sources]
+                if all(g is not None for g in originals):
+                    fused[target] = Q4Groups.cat(originals)  # type: ignore[arg-type]
+            for name in (f"{p}self_attn.o_proj", f"{p}mlp.down_proj"):
+                if (original := q4.pop(f"{name}.weight", None)) is not None:
+                    fused[name] = original
         if self.lm_head is None:
             own.pop("lm_head.weight", None)
         missing, unexpected = self.load_state_dict(own, strict=False)
@@ -244,6 +295,10 @@ class LlamaModel(nn.Module):
             raise ValueError(
                 f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
+        for name, original in fused.items():
+            projection = self.get_submodule(name)
+            assert isinstance(projection, Projection)
+            projection.q4 = original
 
 
 def chunk_mask(length: int, start: int, device: torch.device) -> torch.Tensor | None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from services.worker.model.args import ModelArgs, RopeScaling
+from services.worker.model.kernels import GROUP, Q4Groups
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class LoadedWeights:
     # File or folder name, never a full path: it ends up in ModelInfo.source.
     source: str
     eos_token_ids: tuple[int, ...]
+    # The 4-bit originals of Q4_1 tensors (same names), for 4-bit kernels that run them as shipped.
+    q4: dict[str, Q4Groups] = dataclasses.field(default_factory=dict)
 
 
 def packaged_model_path() -> Path:
@@ -100,6 +103,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedWeights:
     kv_heads = int(meta(f"{family}.attention.head_count_kv", heads))
     hidden = int(meta(f"{family}.embedding_length"))
     tensors: dict[str, torch.Tensor] = {}
+    q4s: dict[str, Q4Groups] = {}
     freq_factors: tuple[float, ...] = ()
     for t in reader.tensors:
         array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
@@ -111,12 +115,20 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedWeights:
             continue
         name = _gguf_to_hf_name(t.name)
         weight = torch.from_numpy(array)
+        q4 = _q4_1_groups(t.data) if t.tensor_type == gguf.GGMLQuantizationType.Q4_1 else None
         # llama.cpp permutes Q/K rows for its interleaved RoPE on llama-style models only (not qwen2).
+        permuted_heads = None
         if family in ("llama", "mistral") and name.endswith("q_proj.weight"):
-            weight = _unpermute_rope_rows(weight, heads)
+            permuted_heads = heads
         elif family in ("llama", "mistral") and name.endswith("k_proj.weight"):
-            weight = _unpermute_rope_rows(weight, kv_heads)
+            permuted_heads = kv_heads
+        if permuted_heads is not None:
+            weight = _unpermute_rope_rows(weight, permuted_heads)
+            if q4 is not None:
+                q4 = Q4Groups(*(_unpermute_rope_rows(x, permuted_heads) for x in (q4.q, q4.scale, q4.min)))
         tensors[name] = weight.to(dtype)
+        if q4 is not None:
+            q4s[name] = q4
 
     head_dim = int(
         meta(f"{family}.attention.key_length", meta(f"{family}.rope.dimension_count", hidden // heads))
@@ -146,7 +158,19 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> LoadedWeights:
         rope_scaling=scaling,
     )
     eos = meta("tokenizer.ggml.eos_token_id")
-    return LoadedWeights(args, tensors, path.name, () if eos is None else (int(eos),))
+    return LoadedWeights(args, tensors, path.name, () if eos is None else (int(eos),), q4s)
+
+
+def _q4_1_groups(raw: np.ndarray) -> Q4Groups:
+    """Q4_1 blocks as stored: per 32 weights a float16 scale, a float16 min and 16 bytes of
+    nibbles (low nibbles are weights 0-15, high nibbles 16-31)."""
+    rows = raw.shape[0]
+    blocks = np.asarray(raw).reshape(rows, -1, 4 + GROUP // 2)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    low = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., 4:]
+    q = np.concatenate((nibbles & 0xF, nibbles >> 4), axis=-1).reshape(rows, -1)
+    return Q4Groups(torch.from_numpy(q.copy()), torch.from_numpy(scale), torch.from_numpy(low))
 
 
 def _gguf_to_hf_name(name: str) -> str:

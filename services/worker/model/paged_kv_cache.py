@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from services.worker.model.args import ModelArgs
+from services.worker.model.kernels import Kernel
 from services.worker.model.llama import attention, chunk_mask
 
 
@@ -25,9 +26,11 @@ class PagedKVCache:
         # Heads before slots: a gather then comes out in the [heads, positions, head_dim] layout
         # attention reads, with no transpose copy (worth several times the gather itself).
         shape = (args.num_layers, args.num_kv_heads, num_blocks * block_size, args.head_dim)
-        # torch.empty: a slot is always written before any sequence reads it.
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Zeros, not torch.empty: decode groups read whole blocks and pad to their longest
+        # sequence, so slots never written are read too (then weighted by exactly 0). Garbage
+        # there could be NaN or inf, and 0 * NaN poisons the sum.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = device
@@ -64,68 +67,92 @@ class PagedSpan:
 
 @dataclasses.dataclass
 class DecodeGroup:
-    """Every one-token chunk of a batch, attended together in one padded call.
+    """One-token chunks of a batch with similar lengths, attended together in one padded call.
 
-    One attention call per decoding sequence costs more in call overhead than in
-    arithmetic; padding every sequence's keys to the longest and masking the pad
-    turns them into a single call whatever the batch size.
+    One attention call per decoding sequence costs more in call overhead than in arithmetic;
+    padding a group's keys to its longest sequence turns them into one call. Sequences are
+    grouped by length (block counts within a factor of two), so a short one does not read
+    and multiply the padding of the longest in the batch.
     """
 
     # Batch rows of the decode tokens.
     rows: torch.Tensor
-    # [n * max_len] cache slots, row-major by sequence; padding points at slot 0.
-    read_slots: torch.Tensor
-    # [1, n, 1, max_len]: True where a sequence has no position (padding).
+    # [n * width] cache blocks, row-major by sequence; padding points at block 0.
+    read_blocks: torch.Tensor
+    # [1, n, 1, width * block_size]: True where a sequence has no position (padding).
     pad: torch.Tensor
-    max_len: int
+    width: int
 
     @classmethod
     def build(
         cls, cache: PagedKVCache, rows: Sequence[int], decodes: Sequence[tuple[int, Sequence[int]]]
     ) -> DecodeGroup:
         """`decodes`: (position of the token, block table) of each decoding sequence."""
+        size = cache.block_size
+        width = max(start // size + 1 for start, _ in decodes)
+        blocks: list[int] = []
+        for start, table in decodes:
+            used = list(table[: start // size + 1])
+            blocks += used + [0] * (width - len(used))
         lengths = torch.tensor([start + 1 for start, _ in decodes])
-        max_len = int(lengths.max())
-        width = -(-max_len // cache.block_size)
-        tables = torch.zeros(len(decodes), width, dtype=torch.long)
-        for i, (_, table) in enumerate(decodes):
-            used = table[:width]
-            tables[i, : len(used)] = torch.tensor(used, dtype=torch.long)
-        positions = torch.arange(max_len)
-        mask = positions.unsqueeze(0) < lengths.unsqueeze(1)
-        slots = tables[:, positions // cache.block_size] * cache.block_size + positions % cache.block_size
-        slots = torch.where(mask, slots, 0)
+        pad = torch.arange(width * size).unsqueeze(0) >= lengths.unsqueeze(1)
         return cls(
             rows=torch.tensor(rows, dtype=torch.long, device=cache.device),
-            read_slots=slots.flatten().to(cache.device),
-            pad=(~mask).view(1, len(decodes), 1, max_len).to(cache.device),
-            max_len=max_len,
+            read_blocks=torch.tensor(blocks, dtype=torch.long, device=cache.device),
+            pad=pad.view(1, len(decodes), 1, width * size).to(cache.device),
+            width=width,
         )
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        """q [1, heads, T, head_dim] of the whole batch; the decode rows' outputs [1, heads, n, head_dim].
+        """q [1, heads, T, head_dim] of the whole batch; the group's outputs [1, heads, n, head_dim].
 
         Written out rather than through scaled_dot_product_attention: with one query per
-        sequence its CPU kernels run many times slower than two batched matmuls here.
+        sequence its CPU kernels run many times slower than two batched matmuls here. Keys are
+        gathered a block at a time (one index per block, not per position).
         """
-        n, max_len = len(self.rows), self.max_len
-        kv_heads, head_dim = k_cache.shape[0], k_cache.shape[2]
+        n = len(self.rows)
+        kv_heads, slots, head_dim = k_cache.shape
         group = q.shape[1] // kv_heads
+        length = self.pad.shape[-1]
         # [kv_heads, n, group, head_dim]: the query heads that share a key head sit together.
-        queries = q[0].index_select(1, self.rows).view(kv_heads, group, n, head_dim).transpose(1, 2)
-        keys = k_cache.index_select(1, self.read_slots).view(kv_heads, n, max_len, head_dim)
-        values = v_cache.index_select(1, self.read_slots).view(kv_heads, n, max_len, head_dim)
+        queries = q[0].index_select(1, self.rows).to(k_cache.dtype)
+        queries = queries.view(kv_heads, group, n, head_dim).transpose(1, 2)
+        by_block = (kv_heads, slots // (length // self.width), length // self.width, head_dim)
+        keys = k_cache.view(by_block).index_select(1, self.read_blocks).view(kv_heads, n, length, head_dim)
+        values = v_cache.view(by_block).index_select(1, self.read_blocks).view(kv_heads, n, length, head_dim)
         scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * head_dim**-0.5
         scores.masked_fill_(self.pad, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.matmul(probs, values)  # [kv_heads, n, group, head_dim]
-        return out.transpose(1, 2).reshape(1, kv_heads * group, n, head_dim)
+        return out.transpose(1, 2).reshape(1, kv_heads * group, n, head_dim).to(q.dtype)
+
+
+def length_groups(block_counts: Sequence[int], min_group: int = 4) -> list[list[int]]:
+    """Indices of the decodes grouped by block count within a factor of two (short first); a
+    group of fewer than `min_group` joins the next longer one (a call per group has a cost)."""
+    buckets: dict[int, list[int]] = {}
+    for i, count in enumerate(block_counts):
+        buckets.setdefault(max(count - 1, 0).bit_length(), []).append(i)
+    groups: list[list[int]] = []
+    carry: list[int] = []
+    for key in sorted(buckets):
+        carry += buckets[key]
+        if len(carry) >= min_group:
+            groups.append(carry)
+            carry = []
+    if carry:
+        if groups:
+            groups[-1] += carry
+        else:
+            groups.append(carry)
+    # Batch order within a group: a group of every decode is then the batch's own order.
+    return [sorted(g) for g in groups]
 
 
 @dataclasses.dataclass
 class PagedForwardContext:
-    """Several sequences' chunks as one flattened batch: shared matmuls, one attention call for
-    all the decodes and one per prompt chunk."""
+    """Several sequences' chunks as one flattened batch: shared matmuls, one attention call per
+    group of decodes of similar length and one per prompt chunk."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -133,7 +160,8 @@ class PagedForwardContext:
     # Cache slot of every token of the batch.
     write_slots: torch.Tensor
     spans: list[PagedSpan]
-    decodes: DecodeGroup | None = None
+    decodes: list[DecodeGroup] = dataclasses.field(default_factory=list)
+    kernel: Kernel | None = None
 
     @classmethod
     def build(
@@ -141,42 +169,50 @@ class PagedForwardContext:
         cache: PagedKVCache,
         chunks: Sequence[tuple[int, int, Sequence[int]]],
         rope: tuple[torch.Tensor, torch.Tensor],
+        kernel: Kernel | None = None,
     ) -> PagedForwardContext:
         """`chunks`: (start position, length, block table) of each sequence, in batch order."""
-        spans, writes, begin = [], [], 0
+        size = cache.block_size
+        spans: list[PagedSpan] = []
+        # Plain lists, one tensor each at the end: a tensor per sequence costs more than its data.
+        writes: list[int] = []
         decode_rows: list[int] = []
         decodes: list[tuple[int, Sequence[int]]] = []
+        begin = 0
         for start, length, table in chunks:
             if length == 1:
-                block, offset = divmod(start, cache.block_size)
-                writes.append(torch.tensor([table[block] * cache.block_size + offset]))
+                writes.append(table[start // size] * size + start % size)
                 spans.append(PagedSpan(begin, begin + 1, None, None))
                 decode_rows.append(begin)
                 decodes.append((start, table))
             else:
                 slots = cache.slots(table, start + length)
-                writes.append(slots[start:].cpu())
+                writes += slots[start:].tolist()
                 spans.append(PagedSpan(begin, begin + length, slots, chunk_mask(length, start, cache.device)))
             begin += length
-        group = DecodeGroup.build(cache, decode_rows, decodes) if decodes else None
-        return cls(rope[0], rope[1], cache, torch.cat(writes).to(cache.device), spans, group)
+        groups = [
+            DecodeGroup.build(cache, [decode_rows[i] for i in g], [decodes[i] for i in g])
+            for g in length_groups([start // size + 1 for start, _ in decodes])
+        ]
+        write_slots = torch.tensor(writes, dtype=torch.long, device=cache.device)
+        return cls(rope[0], rope[1], cache, write_slots, spans, groups, kernel)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         # index_copy_/index_select: far quicker on CPU than the general advanced-indexing kernels.
-        k_cache.index_copy_(1, self.write_slots, k[0])
-        v_cache.index_copy_(1, self.write_slots, v[0])
-        if self.decodes is not None and len(self.decodes.rows) == q.shape[2]:
-            return self.decodes.attend(q, k_cache, v_cache)
+        # The cache keeps one dtype; a pass whose kernel computes in another attends in the cache's.
+        k_cache.index_copy_(1, self.write_slots, k[0].to(k_cache.dtype))
+        v_cache.index_copy_(1, self.write_slots, v[0].to(v_cache.dtype))
+        if len(self.decodes) == 1 and len(self.decodes[0].rows) == q.shape[2]:
+            return self.decodes[0].attend(q, k_cache, v_cache)
         out = torch.empty_like(q)
         for span in self.spans:
             if span.read_slots is None:
                 continue
             keys = k_cache.index_select(1, span.read_slots).unsqueeze(0)
             values = v_cache.index_select(1, span.read_slots).unsqueeze(0)
-            out[:, :, span.begin : span.end] = attention(
-                q[:, :, span.begin : span.end], keys, values, span.mask
-            )
-        if self.decodes is not None:
-            out.index_copy_(2, self.decodes.rows, self.decodes.attend(q, k_cache, v_cache))
+            queries = q[:, :, span.begin : span.end].to(keys.dtype)
+            out[:, :, span.begin : span.end] = attention(queries, keys, values, span.mask)
+        for group in self.decodes:
+            out.index_copy_(2, group.rows, group.attend(q, k_cache, v_cache))
         return out

@@ -53,8 +53,8 @@ def drive(
         BlockManager(num_blocks, BLOCK),
         SchedulerLimits(max_num_seqs=16, max_num_batched_tokens=64, max_prefill_chunk=32),
     )
-    cache = PagedKVCache(runner.args, num_blocks, BLOCK, torch.float32, torch.device("cpu"))
-    batch = BatchRunner(runner.model, cache)
+    cache = PagedKVCache(runner.args, num_blocks, BLOCK, runner.cache_dtype, torch.device("cpu"))
+    batch = BatchRunner(runner.model, cache, runner.plan)
     seqs = {seq.request_id: seq for _, seq in arrivals}
     pending = sorted(arrivals, key=lambda a: a[0])
     states = []

@@ -10,10 +10,11 @@ from services.worker.config import WorkerConfig
 
 def test_defaults() -> None:
     config = load_config(WorkerConfig, "worker", env={})
-    assert (config.port, config.model_id, config.dtype, config.device) == (
+    assert (config.port, config.model_id, config.dtype, config.weights, config.device) == (
         50053,
         "smollm2-135m-instruct",
-        "bfloat16",
+        "auto",
+        "auto",
         "auto",
     )
 
@@ -28,6 +29,7 @@ def test_environment_overrides() -> None:
     ("overrides", "message"),
     [
         ({"dtype": "int4"}, "worker.dtype='int4'"),
+        ({"weights": "q4_k"}, "worker.weights='q4_k'"),
         ({"port": -1}, "worker.port=-1: must be >= 0"),
         ({"default_max_tokens": 600, "max_tokens_limit": 500}, "worker.default_max_tokens=600"),
     ],

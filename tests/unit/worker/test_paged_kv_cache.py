@@ -92,3 +92,46 @@ def test_decodes_of_different_lengths_padded_together_match_each_alone(model: Ll
     torch.testing.assert_close(decoded[0], run(model, A, [len(A)])[-1:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(decoded[1], run(model, B, [len(B)])[-1:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(decoded[2], run(model, [*C[:11], 6], [12])[-1:], atol=1e-5, rtol=1e-5)
+
+
+def test_length_groups_bound_padding_and_keep_groups_big_enough() -> None:
+    from services.worker.model.paged_kv_cache import length_groups
+
+    # Enough of every length class: each group's longest is within 2x its shortest.
+    counts = [1, 2, 1, 2, 9, 12, 16, 10, 3, 4, 4, 3]
+    groups = length_groups(counts, min_group=4)
+    assert sorted(i for g in groups for i in g) == list(range(len(counts)))
+    assert len(groups) == 3
+    for g in groups:
+        assert max(counts[i] for i in g) <= 2 * min(counts[i] for i in g)
+    # Too few of a length class: they join the next longer group rather than run alone.
+    groups = length_groups([1, 1, 2, 1, 9, 12, 16, 10, 3, 4], min_group=4)
+    assert all(len(g) >= 4 for g in groups)
+    assert groups == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    assert length_groups([5], min_group=4) == [[0]]
+
+
+def test_decodes_in_several_length_groups_match_each_alone(model: LlamaModel) -> None:
+    """Eight decodes, four short and four long: two groups, each padded to its own longest."""
+    cache = PagedKVCache(
+        ARGS, num_blocks=64, block_size=BLOCK, dtype=torch.float32, device=torch.device("cpu")
+    )
+    prompts = [A[: 2 + i] for i in range(4)] + [(A + B + A)[: 20 + 3 * i] for i in range(4)]
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(len(prompts))]
+    paged_step(model, cache, [(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
+    decoded = paged_step(model, cache, [([6], len(p), t) for p, t in zip(prompts, tables, strict=True)])
+    for p, got in zip(prompts, decoded, strict=True):
+        torch.testing.assert_close(got, run(model, [*p, 6], [len(p) + 1])[-1:], atol=1e-5, rtol=1e-5)
+
+
+def test_one_group_of_interleaved_lengths_keeps_the_batch_order(model: LlamaModel) -> None:
+    """Long, short, long: one group (too few for two), whose rows must come back in batch order."""
+    cache = PagedKVCache(
+        ARGS, num_blocks=32, block_size=BLOCK, dtype=torch.float32, device=torch.device("cpu")
+    )
+    prompts = [(A + B)[:18], A[:2], (B + A)[:15]]
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(len(prompts))]
+    paged_step(model, cache, [(p, 0, t) for p, t in zip(prompts, tables, strict=True)])
+    decoded = paged_step(model, cache, [([6], len(p), t) for p, t in zip(prompts, tables, strict=True)])
+    for p, got in zip(prompts, decoded, strict=True):
+        torch.testing.assert_close(got, run(model, [*p, 6], [len(p) + 1])[-1:], atol=1e-5, rtol=1e-5)

@@ -117,3 +117,47 @@ def test_logprob_is_of_the_raw_distribution(temperature: float) -> None:
         logits, SamplingParams(temperature=temperature, logprobs=True), (), seed=3, step=0
     )
     assert logprob == pytest.approx(math.log([0.5, 0.25, 0.25][token]), abs=1e-5)
+
+
+def test_batched_rows_sample_what_each_row_samples_alone() -> None:
+    """Greedy rows share one argmax and one log-softmax; seeded and penalised rows draw on their
+    own: every row gets exactly the token (and logprob) `sample` gives it alone."""
+    import dataclasses
+
+    from services.worker.sampler import sample_rows
+
+    @dataclasses.dataclass
+    class Seq:
+        sampling: SamplingParams
+        seed: int
+        step_index: int
+        all_ids: list[int]
+
+    torch.manual_seed(3)
+    logits = torch.randn(6, 50)
+    seqs = [
+        Seq(SamplingParams(), 0, 0, [1]),
+        Seq(SamplingParams(logprobs=True), 0, 3, [2]),
+        Seq(SamplingParams(temperature=0.8, top_p=0.9, seed=5, logprobs=True), 5, 7, [3]),
+        Seq(SamplingParams(repetition_penalty=1.3), 0, 1, [int(logits[3].argmax()), 4]),
+        Seq(SamplingParams(temperature=1.2, top_k=5), 11, 2, [5]),
+        Seq(SamplingParams(logprobs=True), 0, 0, [6]),
+    ]
+    alone = [
+        sample(
+            logits[i],
+            s.sampling,
+            s.all_ids if s.sampling.repetition_penalty != 1.0 else (),
+            s.seed,
+            s.step_index,
+        )
+        for i, s in enumerate(seqs)
+    ]
+    batched = sample_rows(logits, seqs)
+    assert [t for t, _ in batched] == [t for t, _ in alone]
+    for (_, got), (_, want) in zip(batched, alone, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got == pytest.approx(want, abs=1e-6)
+    # The penalty moved row 3 off its raw argmax: that row really went the per-row way.
+    assert batched[3][0] != int(logits[3].argmax())
