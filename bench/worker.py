@@ -50,6 +50,7 @@ LEVELS = (1, 8, 32, 64, 128)
 LEVEL_MAX_TOKENS = 64
 # Seats in the engine: the largest level runs as one batch.
 MAX_RUNNING = 128
+KV_CACHE_MB = 4096
 CORPUS = (
     "The lighthouse keeper climbed the spiral stairs every evening to light the lamp. Ships passed "
     "in the night, their crews grateful for the steady beam that marked the rocks. In winter the "
@@ -111,6 +112,9 @@ def make_engine(
         max_running=max_running,
         prefix_caching=prefix_caching,
         max_waiting=1024,
+        # Room for the largest level in one batch: 128 streams of up to ~360 positions in float32
+        # would overflow the default 1 GiB and run by preemption instead.
+        kv_cache_mb=KV_CACHE_MB,
     )
     executor = model_thread()
 
