@@ -27,8 +27,16 @@ from tests.integration.router.helpers import chat_request, start_router, wait_he
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Small enough to share the CPU: short context, a small KV cache, one torch thread.
-WORKER_SETTINGS: dict[str, Any] = {"max_context": 1024, "kv_cache_mb": 128, "threads": 1}
+# Small enough to share the CPU: short context, a small KV cache, one torch thread. One fixed
+# kernel (dense bfloat16): these tests are about the router's placement, and a worker that
+# switched kernels with the batch size would change speed in steps that placement must not chase.
+WORKER_SETTINGS: dict[str, Any] = {
+    "max_context": 1024,
+    "kv_cache_mb": 128,
+    "threads": 1,
+    "dtype": "bfloat16",
+    "weights": "dense",
+}
 
 TOPICS = (
     "sailing", "bread", "owls", "trains", "gardens", "violins", "deserts", "bridges",
