@@ -186,14 +186,14 @@ async def concurrent_decode(engine: Any, work: list[tuple[list[int], int]]) -> f
 def bare_forward_rate(runner: Any, rows: int, repeats: int = 3) -> float:
     """The model alone on `rows` decode tokens, every layer and the vocabulary projection, with
     the kernel the engine's plan runs at that batch and no attention reads: tokens/s."""
-    from services.worker.model.kernel_bench import _NoAttention
+    from services.worker.model.kernel_bench import NoAttention
 
     model = runner.model
     kernel = runner.plan.kernel_for(rows)
     with torch.inference_mode():
         dtype = model.embed_tokens.weight.dtype
         x = torch.randn(1, rows, model.args.hidden_size, dtype=dtype)
-        ctx = _NoAttention(*model.rope(torch.arange(rows).unsqueeze(0), dtype), kernel)
+        ctx = NoAttention(*model.rope(torch.arange(rows).unsqueeze(0), dtype), kernel)
         best = float("inf")
         for _ in range(repeats + 1):
             started = time.perf_counter()

@@ -130,7 +130,7 @@ def measure(
             for kernel in alive:
                 x = torch.randn(1, rows, model.args.hidden_size, device=device, dtype=dtype)
                 rope = model.rope(torch.arange(rows, device=device).unsqueeze(0), dtype)
-                ctx = _NoAttention(*rope, kernel)
+                ctx = NoAttention(*rope, kernel)
                 sampled = x[0, : min(rows, max_sampled_rows)]
                 layer_s = _best_time(lambda x=x, ctx=ctx: layer(x, ctx), device, clock)
                 head_s = _best_time(lambda s=sampled, k=kernel: model.compute_logits(s, k), device, clock)
@@ -168,7 +168,7 @@ def _sync(device: torch.device) -> None:
 
 
 @dataclasses.dataclass
-class _NoAttention:
+class NoAttention:
     """A pass's context without attention: the projections are what the kernels differ in."""
 
     cos: torch.Tensor

@@ -90,10 +90,6 @@ class KernelPlan:
     def kernel_for(self, rows: int) -> Kernel:
         return self.kernels[bisect.bisect_left(self.bounds, rows)]
 
-    @property
-    def dtypes(self) -> frozenset[torch.dtype]:
-        return frozenset(k.dtype for k in self.kernels)
-
     def describe(self) -> str:
         """e.g. 'int4-bf16 <=8 rows, fp32 above': what load reports and `infermesh status` show."""
         if len(self.kernels) == 1:

@@ -95,8 +95,7 @@ class ForwardContext:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.cache.update(layer, k, v, self.start)
-        # The cache keeps one dtype; a pass whose kernel computes in another attends in the cache's.
-        return attention(q.to(keys.dtype), keys, values, self.mask).to(q.dtype)
+        return attention(q, keys, values, self.mask)
 
 
 def attention(

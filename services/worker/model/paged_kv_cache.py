@@ -115,7 +115,7 @@ class DecodeGroup:
         group = q.shape[1] // kv_heads
         length = self.pad.shape[-1]
         # [kv_heads, n, group, head_dim]: the query heads that share a key head sit together.
-        queries = q[0].index_select(1, self.rows).to(k_cache.dtype)
+        queries = q[0].index_select(1, self.rows)
         queries = queries.view(kv_heads, group, n, head_dim).transpose(1, 2)
         by_block = (kv_heads, slots // (length // self.width), length // self.width, head_dim)
         keys = k_cache.view(by_block).index_select(1, self.read_blocks).view(kv_heads, n, length, head_dim)
@@ -124,7 +124,7 @@ class DecodeGroup:
         scores.masked_fill_(self.pad, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.matmul(probs, values)  # [kv_heads, n, group, head_dim]
-        return out.transpose(1, 2).reshape(1, kv_heads * group, n, head_dim).to(q.dtype)
+        return out.transpose(1, 2).reshape(1, kv_heads * group, n, head_dim)
 
 
 def length_groups(block_counts: Sequence[int], min_group: int = 4) -> list[list[int]]:
@@ -200,9 +200,8 @@ class PagedForwardContext:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         # index_copy_/index_select: far quicker on CPU than the general advanced-indexing kernels.
-        # The cache keeps one dtype; a pass whose kernel computes in another attends in the cache's.
-        k_cache.index_copy_(1, self.write_slots, k[0].to(k_cache.dtype))
-        v_cache.index_copy_(1, self.write_slots, v[0].to(v_cache.dtype))
+        k_cache.index_copy_(1, self.write_slots, k[0])
+        v_cache.index_copy_(1, self.write_slots, v[0])
         if len(self.decodes) == 1 and len(self.decodes[0].rows) == q.shape[2]:
             return self.decodes[0].attend(q, k_cache, v_cache)
         out = torch.empty_like(q)
@@ -211,8 +210,9 @@ class PagedForwardContext:
                 continue
             keys = k_cache.index_select(1, span.read_slots).unsqueeze(0)
             values = v_cache.index_select(1, span.read_slots).unsqueeze(0)
-            queries = q[:, :, span.begin : span.end].to(keys.dtype)
-            out[:, :, span.begin : span.end] = attention(queries, keys, values, span.mask)
+            out[:, :, span.begin : span.end] = attention(
+                q[:, :, span.begin : span.end], keys, values, span.mask
+            )
         for group in self.decodes:
             out.index_copy_(2, group.rows, group.attend(q, k_cache, v_cache))
         return out
