@@ -139,6 +139,8 @@ async def _spans_of(collector: Collector, trace_id: str, names: set[str], timeou
 
 ROUTER_GENERATE = "/infermesh.router.v1.Inference/Generate"
 WORKER_GENERATE = "/infermesh.worker.v1.Worker/Generate"
+SESSION_WINDOW = "/infermesh.session.v1.SessionStore/GetWindow"
+SESSION_APPEND = "/infermesh.session.v1.SessionStore/AppendMessages"
 
 
 async def test_one_generate_is_one_trace_across_processes(
@@ -155,6 +157,10 @@ async def test_one_generate_is_one_trace_across_processes(
         WORKER_GENERATE,
         "worker prefill",
         "worker decode",
+        # The session service's own server spans: each process exports on its own schedule, so
+        # waiting for the router's steps alone can read the trace before the session's arrive.
+        SESSION_WINDOW,
+        SESSION_APPEND,
     }
     spans = await _spans_of(collector[0], trace_id, expected, timeout=30)
     names = {s.name for s in spans}

@@ -38,6 +38,18 @@ WORKER_SETTINGS: dict[str, Any] = {
     "weights": "dense",
 }
 
+# Placement, not failure detection, is under test: a worker sharing this process's event loop
+# and the CPU can miss the fast helpers' 0.5 s staleness window while it prefills, and a stale
+# endpoint is no candidate, so a turn would move for a reason that has nothing to do with load.
+ROUTER_SETTINGS: dict[str, Any] = {"endpoint_stale_s": 5.0}
+
+# Twenty streams make the busy worker's next turn about 2-3x slower by its measured step model
+# (3.1x by the prior per-sequence share). The two workers' fixed step costs, measured on one
+# shared CPU, differ by up to 2x (0.07-0.14 s seen for identical workers), so a factor of 3
+# sits inside the noise; 8 leaves room on both sides: slower (it moves without affinity), yet
+# within the factor (it stays with it).
+AFFINITY_FACTOR = 8.0
+
 TOPICS = (
     "sailing", "bread", "owls", "trains", "gardens", "violins", "deserts", "bridges",
     "comets", "glaciers", "markets", "lighthouses",
@@ -182,7 +194,7 @@ async def run_conversations(
         worker_addresses=[w.address for w in workers],
         session_address=store_server.address,
         session_affinity=session_affinity,
-        **router_settings,
+        **{**ROUTER_SETTINGS, **router_settings},
     )
     try:
         async with grpc.aio.insecure_channel(router.address) as channel:
@@ -218,7 +230,8 @@ async def stays_when_its_worker_gets_busy(
         worker_addresses=[w.address for w in workers],
         session_address=store_server.address,
         session_affinity=session_affinity,
-        affinity_factor=3.0,
+        affinity_factor=AFFINITY_FACTOR,
+        **ROUTER_SETTINGS,
     )
     hogs: list[asyncio.Task[int]] = []
     try:

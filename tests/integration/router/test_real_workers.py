@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.router.helpers import router_for, wait_healthy
 from tests.integration.router.real_workers import (
+    ROUTER_SETTINGS,
     RealWorker,
     real_workers,
     run_conversations,
@@ -61,7 +62,7 @@ async def test_session_affinity_turns_history_into_prefix_cache_hits(two_workers
 async def test_affinity_keeps_a_turn_on_its_busier_worker_within_the_factor(
     two_workers: list[RealWorker],
 ) -> None:
-    # Its worker busy with twenty long streams: slower for the next turn, not 3x (affinity_factor).
+    # Its worker busy with twenty long streams: slower for the next turn, within the factor.
     assert await stays_when_its_worker_gets_busy(two_workers, session_affinity=True)
     assert not await stays_when_its_worker_gets_busy(two_workers, session_affinity=False)
 
@@ -73,7 +74,7 @@ async def test_work_splits_in_proportion_to_measured_speed() -> None:
     async with real_workers(*({"dtype": d} for d in dtypes)) as workers:
         # Each alone, at the same load: the speeds as no load report of a busy mesh shows them.
         alone = {w.address: await w.tokens_per_s(streams=4, max_tokens=12) for w in workers}
-        async with router_for([w.address for w in workers]) as stub:
+        async with router_for([w.address for w in workers], **ROUTER_SETTINGS) as stub:
             await wait_healthy(stub, {w.address for w in workers})
             # A first burst lets both workers measure their speed (placement assumes a prior before).
             await split_by_speed(stub, workers, waves=1, per_wave=6, max_tokens=8)
