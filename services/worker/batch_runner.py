@@ -65,7 +65,7 @@ class BatchRunner:
             return {}
         # Only the rows that sample pay for the vocabulary projection.
         rows = torch.tensor([row for _, row in sampling], device=device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows), kernel)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
         picked = sample_rows(logits, [seqs[request_id] for request_id, _ in sampling])
         return {request_id: result for (request_id, _), result in zip(sampling, picked, strict=True)}
 

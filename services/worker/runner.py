@@ -142,14 +142,14 @@ class ModelRunner:
         """float32 logits [len(token_ids), vocab] of every position of the chunk (dense in the
         weights' dtype, or as `kernel` runs it)."""
         kernel = kernel or self.plan.kernel_for(len(token_ids))
-        return self.model.compute_logits(self._hidden(token_ids, start, kernel), kernel)[0]
+        return self.model.compute_logits(self._hidden(token_ids, start, kernel))[0]
 
     @torch.inference_mode()
     def sample_next(self, seq: GenSequence, token_ids: Sequence[int], start: int) -> tuple[int, float | None]:
         """Run the chunk that ends the sequence's known tokens and sample what follows."""
         kernel = self.plan.kernel_for(len(token_ids))
         hidden = self._hidden(token_ids, start, kernel)
-        logits = self.model.compute_logits(hidden[0, -1], kernel)
+        logits = self.model.compute_logits(hidden[0, -1])
         seen = seq.all_ids if seq.sampling.repetition_penalty != 1.0 else ()
         return sample(logits, seq.sampling, seen, seq.seed, seq.step_index)
 

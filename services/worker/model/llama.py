@@ -194,8 +194,6 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = None if args.tie_embeddings else Projection(args.hidden_size, args.vocab_size)
-        # The vocabulary projection as `pack` made it (tied: over the embedding's weight).
-        self.head: Projection | None = None
         # Plain attributes, not buffers: they stay float32 (as the reference computes them)
         # when the weights move to another dtype. `place_rope` moves them to a device.
         self.rope_cos, self.rope_sin = rope_tables(args, max_positions, torch.device("cpu"))
@@ -238,25 +236,22 @@ class LlamaModel(nn.Module):
             x = layer(x, ctx)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor, kernel: Kernel | None = None) -> torch.Tensor:
-        if self.head is not None:
-            return self.head(hidden, kernel).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in the model's dtype whatever kernel ran the layers: a bfloat16 head rounds
+        logits near 25 to steps of 0.125 and turns near-ties into exact ones, which argmax
+        breaks by token id ("The capital" became "L'Étoile" that way). A float32 head at one
+        row also cost no more than a bfloat16 one where it was timed."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
 
     def pack(self, kernels: frozenset[Kernel], *, quantize: bool = False) -> None:
-        """Give every projection (the vocabulary one included) the formats these kernels run,
-        and only those; `quantize`: see `Projection.pack`."""
-        if self.head is None:
-            if self.lm_head is None:
-                # Tied: over the embedding's weight, shared, not copied.
-                self.head = Projection(self.args.hidden_size, self.args.vocab_size)
-                self.head.weight = self.embed_tokens.weight
-            else:
-                self.head = self.lm_head
-        for module in self.modules():
-            if isinstance(module, Projection):
-                module.pack(kernels, quantize=quantize)
+        """Give every layer's projections the formats these kernels run, and only those
+        (`quantize`: see `Projection.pack`); the vocabulary head stays in the model's dtype
+        (`compute_logits`)."""
+        for layer in self.layers:
+            for module in layer.modules():
+                if isinstance(module, Projection):
+                    module.pack(kernels, quantize=quantize)
 
     def drop_originals(self) -> None:
         for module in self.modules():

@@ -86,17 +86,20 @@ async def test_shutdown_ends_load_streams_instead_of_waiting_out_the_grace(
     fresh_worker: RunningWorker,
 ) -> None:
     reports = 0
+    live = asyncio.Event()
 
     async def follow_load() -> None:
         nonlocal reports
         load = fresh_worker.stub.StreamLoad(worker_pb2.StreamLoadRequest(interval_ms=50), timeout=10)
         async for _ in load:
             reports += 1
+            if reports >= 2:
+                live.set()
 
     follower = asyncio.create_task(follow_load())
-    await asyncio.sleep(0.2)
+    # Live first: two reports in (a fixed sleep was not always enough on a busy CPU).
+    await asyncio.wait_for(live.wait(), 10)
     started = asyncio.get_running_loop().time()
     await fresh_worker.server.stop(grace=5.0)
     await asyncio.wait_for(follower, 1.0)  # the stream ended cleanly, not by an error
     assert asyncio.get_running_loop().time() - started < 2.5
-    assert reports >= 2

@@ -155,3 +155,16 @@ def test_measured_plan_covers_every_size_with_a_candidate(model: LlamaModel, tmp
     assert load_or_measure(model, kernels, max_rows=48, max_sampled_rows=8, cache_dir=tmp_path) == (
         KernelPlan.single(BF16)
     )
+
+
+def test_logits_come_from_the_model_dtype_head_whatever_kernel_ran_the_layers(model: LlamaModel) -> None:
+    # A bfloat16 head rounded logits near 25 to steps of 0.125: a near-tie became an exact tie
+    # and argmax took the lower token id (the packaged model answered "L'Étoile" for the capital
+    # of France). The head is the tied embedding here; its float32 product is the reference.
+    model.pack(frozenset([FP32, BF16]))
+    hidden = torch.randn(4, model.args.hidden_size) * 3
+    want = hidden @ model.embed_tokens.weight.t()
+    with torch.inference_mode():
+        got = model.compute_logits(hidden)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
