@@ -43,8 +43,8 @@ class WorkerConfig:
         "auto",
         "What the projections multiply in. auto: float32 or bfloat16 (float16 too on a GPU), per "
         "batch size, whichever the worker measured faster at start; the weights load as float32 "
-        "and the residual stream, norms and attention stay float32. A dtype named here is used "
-        "for everything; float32 matches reference numerics most closely.",
+        "and the residual stream, norms, attention and vocabulary head stay float32. A dtype named "
+        "here is used for everything; float32 matches reference numerics most closely.",
         choices=("auto", "bfloat16", "float16", "float32"),
     )
     weights: str = setting(
