@@ -83,10 +83,8 @@ lint: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy services/common services/launcher services/embedder infermesh/cli.py infermesh/client
-	$(VENV)/bin/mypy --strict services/worker/core services/router/placement.py services/router/queues.py \
-		services/router/degradation.py services/router/registry.py services/session/window.py services/session/pg_append.py \
-		services/router/rbac.py services/common/apikeys.py services/router/quotas.py services/router/guardrails \
-		services/router/catalog.py services/router/reply_cache.py \
+	$(VENV)/bin/mypy --strict services/worker/core services/router/core services/session/window.py services/session/pg_append.py \
+		services/common/apikeys.py \
 		services/embedder/batching.py services/embedder/meter.py services/embedder/health.py \
 		services/common/liveness.py services/common/tasks.py
 

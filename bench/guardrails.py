@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from services.router.guardrails import injection, pii  # noqa: E402
+from services.router.core.guardrails import injection, pii  # noqa: E402
 
 
 def _ratio(num: int, den: int) -> str:

@@ -9,8 +9,9 @@ import grpc
 
 from infermesh.common.v1 import common_pb2
 from infermesh.embedder.v1 import embedder_pb2, embedder_pb2_grpc
-from services.common.errors import InvalidArgument, grpc_errors
+from services.common.errors import InvalidArgument
 from services.common.logs import request_id_var
+from services.common.status import grpc_errors
 from services.embedder import convert
 from services.embedder.convert import Undecodable
 from services.embedder.engine import EmbedEngine

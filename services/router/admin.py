@@ -1,5 +1,5 @@
 """Admin service: API keys (created here, only their salted hash stored by the session
-service), revocation and listing. Role checks happened in the auth interceptor."""
+service), revocation and listing. AccessRole checks happened in the auth interceptor."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import grpc
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from infermesh.session.v1 import governance_pb2, governance_pb2_grpc
 from services.common import apikeys
-from services.common.errors import FailedPrecondition, InvalidArgument, grpc_errors
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.logs import request_id_var, trace_id_var
+from services.common.status import grpc_errors
 from services.router.auth import KeyResolver, current_principal
+from services.router.core.rbac import AccessRole
 from services.router.drain import drain_endpoint
 from services.router.endpoints import EndpointMonitor
-from services.router.rbac import Role
 
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _NO_STORE = "API keys need the session service (session_address is empty)"
@@ -46,7 +47,7 @@ class AdminServicer(router_pb2_grpc.AdminServicer):
     def __init__(
         self,
         stub: governance_pb2_grpc.GovernanceStub | None,
-        roles: Mapping[str, Role],
+        roles: Mapping[str, AccessRole],
         resolver: KeyResolver,
         timeout_s: float,
     ) -> None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, replace
 
 from services.common.errors import ResourceExhausted
 from services.common.telemetry import span
+from services.router.core.queues import Priority, QueuedRequest, RequestQueue
 from services.router.metrics import QUEUE_WAIT, SHED, priority_label
-from services.router.queues import Priority, QueuedRequest, RequestQueue
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from services.common.errors import DomainError, PermissionDenied, Unauthenticate
 from services.common.logs import tenant_var
 from services.common.telemetry import span
 from services.router import audit
-from services.router.rbac import Role
+from services.router.core.rbac import AccessRole
 
 if TYPE_CHECKING:
     from services.router.call_guard import CallGuard
@@ -47,7 +47,7 @@ _AUDITED_CALLS = {
 @dataclass(frozen=True)
 class Principal:
     tenant: str
-    role: Role
+    role: AccessRole
     key_prefix: str = ""  # empty with auth off
 
 
@@ -77,7 +77,7 @@ class KeyResolver:
     def __init__(
         self,
         stub: governance_pb2_grpc.GovernanceStub | None,
-        roles: Mapping[str, Role],
+        roles: Mapping[str, AccessRole],
         *,
         cache_s: float,
         timeout_s: float,
@@ -211,7 +211,7 @@ def _prefix_of(context: grpc.aio.ServicerContext) -> str:
     return parts[0] if parts else ""
 
 
-def _denies_request(role: Role, request: Any) -> str | None:
+def _denies_request(role: AccessRole, request: Any) -> str | None:
     """Checks that need the request: an explicitly named model, the priority class."""
     model = getattr(request, "model", "")
     if isinstance(model, str) and model and (why := role.denies_model(model)):

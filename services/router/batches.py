@@ -31,9 +31,9 @@ from services.router import convert
 from services.router.auth import GENERATE, Principal, authorize_model, current_principal, principal_var
 from services.router.batch_store import BatchStore, JobRow, JobState, PendingItem, StoreUnavailable
 from services.router.config import RouterConfig
+from services.router.core.rbac import AccessRole
+from services.router.core.validation import validate_generate
 from services.router.generation import Generation
-from services.router.rbac import Role
-from services.router.validation import validate_generate
 
 if TYPE_CHECKING:
     from services.router.call_guard import CallGuard
@@ -89,7 +89,7 @@ def principal_from_json(text: str) -> Principal | None:
         return None
     data = json.loads(text)
     r = data["role"]
-    role = Role(
+    role = AccessRole(
         r["name"],
         frozenset(r["groups"]),
         None if r["models"] is None else frozenset(r["models"]),

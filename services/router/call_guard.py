@@ -12,9 +12,9 @@ from infermesh.common.v1 import common_pb2
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.telemetry import span
 from services.router import audit
-from services.router.guardrails import policy
+from services.router.core.guardrails import policy
+from services.router.core.prompt_tokens import rough_tokens
 from services.router.metrics import GUARDRAIL_HITS
-from services.router.prompt_tokens import rough_tokens
 from services.router.quota_store import Quotas, Reservation
 
 _CHECKED_ROLES = (common_pb2.ROLE_USER, common_pb2.ROLE_TOOL, common_pb2.ROLE_UNSPECIFIED)

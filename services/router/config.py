@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from services.common import tls
 from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, setting
-from services.router.catalog import CatalogError, load_catalog
-from services.router.quotas import QuotaLimits, QuotaSpecError, build_limits
-from services.router.rbac import RoleError, build_roles
+from services.router.core.catalog import CatalogError, load_catalog
+from services.router.core.quotas import QuotaLimits, QuotaSpecError, build_limits
+from services.router.core.rbac import RoleError, build_roles
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from infermesh.router.v1 import router_pb2
 from infermesh.session.v1 import session_pb2
 from infermesh.worker.v1 import worker_pb2
 from services.common.convert import device_to_pb, timestamp_seconds, timestamp_to_pb
-from services.router.domain import (
+from services.router.core.domain import (
+    ChatRole,
     ChatTurn,
     Degradation,
     DeviceSpec,
@@ -26,16 +27,15 @@ from services.router.domain import (
     ModelKind,
     ModelSpec,
     NewTurn,
-    Role,
     Sampling,
 )
-from services.router.registry import EndpointView
+from services.router.core.registry import EndpointView
 
 _ROLE_FROM_PB = {
-    common_pb2.ROLE_SYSTEM: Role.SYSTEM,
-    common_pb2.ROLE_USER: Role.USER,
-    common_pb2.ROLE_ASSISTANT: Role.ASSISTANT,
-    common_pb2.ROLE_TOOL: Role.TOOL,
+    common_pb2.ROLE_SYSTEM: ChatRole.SYSTEM,
+    common_pb2.ROLE_USER: ChatRole.USER,
+    common_pb2.ROLE_ASSISTANT: ChatRole.ASSISTANT,
+    common_pb2.ROLE_TOOL: ChatRole.TOOL,
 }
 _ROLE_TO_PB = {role: value for value, role in _ROLE_FROM_PB.items()}
 _MODEL_KIND_FROM_PB = {

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 
 from services.common.tasks import cancel_and_wait
-from services.router.domain import EndpointKind
+from services.router.core.domain import EndpointKind
 from services.router.endpoints import EndpointMonitor
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import grpc
 
 from infermesh.worker.v1 import worker_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from services.router.domain import EndpointKind
+from services.router.core.domain import EndpointKind
 from services.router.endpoints import EndpointMonitor
 
 logger = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ from services.common.server import DEFAULT_MAX_MESSAGE_BYTES
 from services.common.telemetry import client_interceptors, span
 from services.common.tls import TlsConfig, aio_channel
 from services.router import convert
-from services.router.domain import EndpointKind
+from services.router.core.domain import EndpointKind
+from services.router.core.placement import Ask, PlacementPolicy, create_placement_policy, fitting
+from services.router.core.registry import Placed, Registry
 from services.router.metrics import FAILOVERS
-from services.router.placement import Ask, PlacementPolicy, create_placement_policy, fitting
-from services.router.registry import Placed, Registry
 
 logger = logging.getLogger(__name__)
 

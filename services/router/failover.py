@@ -22,9 +22,9 @@ import grpc
 from infermesh.common.v1 import common_pb2
 from infermesh.worker.v1 import worker_pb2
 from services.common.errors import ResourceExhausted, Unavailable
-from services.router.domain import Degradation, DegradationStep, EndpointKind
+from services.router.core.domain import Degradation, DegradationStep, EndpointKind
+from services.router.core.placement import Ask
 from services.router.endpoints import EndpointMonitor
-from services.router.placement import Ask
 
 logger = logging.getLogger(__name__)
 

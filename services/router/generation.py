@@ -21,10 +21,9 @@ from services.common.telemetry import span
 from services.router import convert
 from services.router.admission import Admission, Capacity
 from services.router.auth import authorize_model
-from services.router.catalog import AUTO, TIERS, auto_quality, pick_auto
 from services.router.config import RouterConfig
-from services.router.degradation import LadderConfig, Load
-from services.router.domain import (
+from services.router.core.catalog import AUTO, TIERS, auto_quality, pick_auto
+from services.router.core.domain import (
     ChatTurn,
     Degradation,
     DegradationStep,
@@ -33,24 +32,25 @@ from services.router.domain import (
     HistoryMessage,
     ModelKind,
 )
-from services.router.endpoints import EndpointMonitor
-from services.router.failover import Failover, Relayed
-from services.router.history import merge_history, turns_to_append
-from services.router.metrics import FAILOVERS
-from services.router.overload import Overload, cached_reply, cached_stream
-from services.router.placement import Ask, HardwareNeeds
-from services.router.prompt_tokens import PromptTokens, rough_tokens
-from services.router.queues import (
+from services.router.core.history import merge_history, turns_to_append
+from services.router.core.ladder import LadderConfig, Load
+from services.router.core.placement import Ask, HardwareNeeds
+from services.router.core.prompt_tokens import PromptTokens, rough_tokens
+from services.router.core.queues import (
     Priority,
     QueueConfig,
     QueuedRequest,
     create_request_queue,
     effective_priority,
 )
-from services.router.reply_cache import ReplyCache
+from services.router.core.reply_cache import ReplyCache
+from services.router.core.validation import GenerateLimits, time_budget, validate_generate
+from services.router.endpoints import EndpointMonitor
+from services.router.failover import Failover, Relayed
+from services.router.metrics import FAILOVERS
+from services.router.overload import Overload, cached_reply, cached_stream
 from services.router.sessions import SessionClient, SessionUnavailable
 from services.router.tenancy import tenant_of
-from services.router.validation import GenerateLimits, time_budget, validate_generate
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2
 from services.common.errors import DomainError
 from services.common.metrics import LATENCY_BUCKETS, rpc_started_var
-from services.router.queues import Priority, effective_priority
+from services.router.core.queues import Priority, effective_priority
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from infermesh.common.v1 import common_pb2
 from infermesh.worker.v1 import worker_pb2
 from services.common.errors import ResourceExhausted
-from services.router.degradation import Ladder, LadderConfig, Load, RequestFacts, fallback_model
-from services.router.domain import Degradation, ModelSpec
+from services.router.core.domain import Degradation, ModelSpec
+from services.router.core.ladder import Ladder, LadderConfig, Load, RequestFacts, fallback_model
+from services.router.core.queues import Priority
+from services.router.core.reply_cache import CachedReply, ReplyCache
 from services.router.failover import Relayed
-from services.router.queues import Priority
-from services.router.reply_cache import CachedReply, ReplyCache
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import Counter
 
 from services.common.errors import ResourceExhausted
-from services.router.quotas import LocalCounters, QuotaLimits, Refusal, Window, windows
+from services.router.core.quotas import LocalCounters, QuotaLimits, Refusal, Window, windows
 
 logger = logging.getLogger(__name__)
 

@@ -16,17 +16,17 @@ from services.router.admin import AdminServicer
 from services.router.audit import AuditSink
 from services.router.auth import DEFAULT_TENANT, Authenticator, KeyResolver, Principal
 from services.router.call_guard import CallGuard
-from services.router.catalog import load_catalog
 from services.router.config import RouterConfig
+from services.router.core.catalog import load_catalog
+from services.router.core.domain import EndpointKind
+from services.router.core.guardrails.policy import GuardrailConfig
+from services.router.core.placement import Priors, create_placement_policy
+from services.router.core.quotas import QuotaLimits, build_limits
+from services.router.core.rbac import build_roles
 from services.router.discovery import Discovery, split_addresses
-from services.router.domain import EndpointKind
 from services.router.endpoints import EndpointMonitor, channel_options
-from services.router.guardrails.policy import GuardrailConfig
 from services.router.metrics import RouterCollector
-from services.router.placement import Priors, create_placement_policy
 from services.router.quota_store import Quotas
-from services.router.quotas import QuotaLimits, build_limits
-from services.router.rbac import build_roles
 from services.router.servicer import InferenceServicer
 from services.router.sessions import SessionClient
 

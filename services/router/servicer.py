@@ -10,26 +10,22 @@ import grpc
 
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
-from services.common.errors import (
-    DomainError,
-    FailedPrecondition,
-    InvalidArgument,
-    grpc_errors,
-)
+from services.common.errors import DomainError, FailedPrecondition, InvalidArgument
 from services.common.logs import request_id_var
+from services.common.status import grpc_errors
 from services.router import convert, metrics
 from services.router.auth import authorize_model
 from services.router.batch_store import BatchStore, create_store_engine
 from services.router.batches import BatchService
 from services.router.config import RouterConfig
-from services.router.domain import EndpointKind, ModelKind
+from services.router.core.domain import EndpointKind, ModelKind
+from services.router.core.queues import Priority
+from services.router.core.registry import EndpointView
+from services.router.core.validation import resolve_model, validate_embed
 from services.router.endpoints import EndpointMonitor, Placement
 from services.router.generation import NO_SESSION_SERVICE, Generation
-from services.router.queues import Priority
-from services.router.registry import EndpointView
 from services.router.sessions import SessionClient
 from services.router.tenancy import tenant_of
-from services.router.validation import resolve_model, validate_embed
 
 _SESSION_HEALTH_TIMEOUT_S = 1.0
 

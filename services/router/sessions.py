@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from infermesh.session.v1 import session_pb2_grpc
 from services.common.errors import Unavailable
 from services.router import convert
-from services.router.domain import HistoryMessage, NewTurn
+from services.router.core.domain import HistoryMessage, NewTurn
 
 # Codes meaning the service could not answer at all, as opposed to answering "no".
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})

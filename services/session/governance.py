@@ -10,7 +10,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from infermesh.session.v1 import governance_pb2, governance_pb2_grpc
 from services.common import apikeys
-from services.common.errors import InvalidArgument, Unavailable, grpc_errors
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.status import grpc_errors
 from services.session.keys_store import AuditEvent, KeyRecord, KeysStore
 
 MAX_EVENTS_PER_CALL = 1000

@@ -11,7 +11,8 @@ import grpc
 
 from infermesh.common.v1 import common_pb2
 from infermesh.session.v1 import session_pb2, session_pb2_grpc
-from services.common.errors import Unavailable, grpc_errors
+from services.common.errors import Unavailable
+from services.common.status import grpc_errors
 from services.session import convert, validation
 from services.session.store import Store
 from services.session.validation import Limits

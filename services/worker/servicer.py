@@ -9,8 +9,9 @@ import grpc
 
 from infermesh.common.v1 import common_pb2
 from infermesh.worker.v1 import worker_pb2, worker_pb2_grpc
-from services.common.errors import InvalidArgument, grpc_errors
+from services.common.errors import InvalidArgument
 from services.common.logs import request_id_var
+from services.common.status import grpc_errors
 from services.worker import convert
 from services.worker.service import WorkerService
 

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from services.common import telemetry
 from services.common.server import GrpcServer
 from services.router.admission import Admission, Capacity
-from services.router.queues import Priority, QueuedRequest, create_request_queue
+from services.router.core.queues import Priority, QueuedRequest, create_request_queue
 
 SERVICE = "test.tracing.v1.Probe"
 TRACE_ID, PARENT_ID = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"

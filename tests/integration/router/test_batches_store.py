@@ -13,7 +13,7 @@ import pytest
 from services.router.auth import Principal
 from services.router.batch_store import BatchStore, JobState, create_store_engine
 from services.router.batches import principal_from_json, principal_to_json
-from services.router.rbac import BUILTIN_ROLES, parse_role
+from services.router.core.rbac import BUILTIN_ROLES, parse_role
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -9,8 +9,8 @@ import pytest
 
 from infermesh.router.v1 import router_pb2_grpc
 from services.common.server import GrpcServer
+from services.router.core.domain import EndpointKind
 from services.router.discovery import Discovery, plan, resolve_dns, split_addresses
-from services.router.domain import EndpointKind
 from services.router.endpoints import EndpointMonitor
 from tests.integration.router.fakes import FakeWorker, start_fake
 from tests.integration.router.helpers import (

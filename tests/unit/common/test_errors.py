@@ -8,8 +8,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, grpc_errors, unimplemented
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.common.server import GrpcServer
+from services.common.status import grpc_errors, unimplemented
 
 SERVICE = "test.Errors"
 

@@ -8,7 +8,13 @@ import pytest
 
 from services.common.errors import ResourceExhausted
 from services.router.admission import Admission, Capacity
-from services.router.queues import ClassLimits, Priority, QueueConfig, QueuedRequest, create_request_queue
+from services.router.core.queues import (
+    ClassLimits,
+    Priority,
+    QueueConfig,
+    QueuedRequest,
+    create_request_queue,
+)
 
 
 class Clock:

@@ -9,9 +9,9 @@ from infermesh.router.v1 import router_pb2
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.router.audit import AuditSink
 from services.router.call_guard import CallGuard
-from services.router.guardrails.policy import GuardrailConfig
+from services.router.core.guardrails.policy import GuardrailConfig
+from services.router.core.quotas import QuotaLimits
 from services.router.quota_store import Quotas
-from services.router.quotas import QuotaLimits
 
 GENERATE = "/infermesh.router.v1.Inference/Generate"
 

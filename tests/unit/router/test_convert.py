@@ -5,7 +5,7 @@ from __future__ import annotations
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2
 from services.router import convert
-from services.router.domain import ChatTurn, Degradation, DegradationStep, ModelKind, Role
+from services.router.core.domain import ChatRole, ChatTurn, Degradation, DegradationStep, ModelKind
 
 
 def test_generate_from_pb_keeps_presence() -> None:
@@ -25,7 +25,7 @@ def test_generate_from_pb_keeps_presence() -> None:
     assert (params.prompt, params.session_id, params.max_tokens) == ("", "", 0)
     assert (params.sampling.temperature, params.sampling.top_k, params.sampling.seed) == (0.0, 0, 0)
     assert params.sampling.top_p is None
-    assert params.messages == (ChatTurn(Role.TOOL, "t"), ChatTurn(None, ""))
+    assert params.messages == (ChatTurn(ChatRole.TOOL, "t"), ChatTurn(None, ""))
     assert params.deadline == 1.5
 
 
@@ -36,7 +36,7 @@ def test_worker_request_carries_merged_messages_and_caller_settings() -> None:
         priority=common_pb2.PRIORITY_BATCH,
         sampling=common_pb2.SamplingParams(top_p=0.5, logprobs=True),
     )
-    merged = [ChatTurn(Role.SYSTEM, "s"), ChatTurn(Role.USER, "u")]
+    merged = [ChatTurn(ChatRole.SYSTEM, "s"), ChatTurn(ChatRole.USER, "u")]
     out = convert.worker_request_to_pb(req, "rid", "m", merged, 9)
     assert (out.request_id, out.model, out.max_tokens) == ("rid", "m", 9)
     assert [(m.role, m.content) for m in out.messages] == [

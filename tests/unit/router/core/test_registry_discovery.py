@@ -3,8 +3,8 @@ requests still running there can end, and it comes back when rediscovered."""
 
 from __future__ import annotations
 
-from services.router.domain import EndpointKind, LoadSnapshot
-from tests.unit.router.test_registry import CHAT, bring_up, make_registry
+from services.router.core.domain import EndpointKind, LoadSnapshot
+from tests.unit.router.core.test_registry import CHAT, bring_up, make_registry
 
 
 def test_retired_endpoint_is_neither_placed_on_nor_listed() -> None:

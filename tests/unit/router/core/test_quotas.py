@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.quotas import (
+from services.router.core.quotas import (
     BUDGET,
     REQUESTS,
     TOKENS,

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from services.common.errors import ResourceExhausted
-from services.router.queues import (
+from services.router.core.queues import (
     ClassLimits,
     FCFSRequestQueue,
     Priority,

@@ -12,9 +12,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.router.catalog import TIERS
-from services.router.domain import Degradation, DegradationStep, ModelSpec
-from services.router.queues import Priority
+from services.router.core.catalog import TIERS
+from services.router.core.domain import Degradation, DegradationStep, ModelSpec
+from services.router.core.queues import Priority
 
 
 class Rung(enum.IntEnum):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.reply_cache import CachedReply, ReplyCache
+from services.router.core.reply_cache import CachedReply, ReplyCache
 
 
 def reply(text: str) -> CachedReply:

@@ -21,7 +21,7 @@ class ModelKind(enum.Enum):
     EMBEDDING = "embedding"
 
 
-class Role(enum.Enum):
+class ChatRole(enum.Enum):
     SYSTEM = "system"
     USER = "user"
     ASSISTANT = "assistant"
@@ -77,7 +77,7 @@ class LoadSnapshot:
 
 @dataclass(frozen=True)
 class ChatTurn:
-    role: Role | None  # None: the caller left it unset
+    role: ChatRole | None  # None: the caller left it unset
     content: str
 
 
@@ -85,7 +85,7 @@ class ChatTurn:
 class HistoryMessage:
     """A stored session message, as a window returns it."""
 
-    role: Role | None
+    role: ChatRole | None
     content: str
     client_msg_id: str = ""
     token_count: int = 0
@@ -95,7 +95,7 @@ class HistoryMessage:
 class NewTurn:
     """A message to append to a session."""
 
-    role: Role
+    role: ChatRole
     content: str
     client_msg_id: str
     token_count: int = 0

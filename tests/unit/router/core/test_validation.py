@@ -8,8 +8,16 @@ from typing import Any
 import pytest
 
 from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from services.router.domain import ChatTurn, EmbedParams, GenerateParams, ModelKind, ModelSpec, Role, Sampling
-from services.router.validation import (
+from services.router.core.domain import (
+    ChatRole,
+    ChatTurn,
+    EmbedParams,
+    GenerateParams,
+    ModelKind,
+    ModelSpec,
+    Sampling,
+)
+from services.router.core.validation import (
     GenerateLimits,
     resolve_model,
     time_budget,
@@ -27,7 +35,7 @@ LIMITS = GenerateLimits(
 
 
 def make_params(**fields: Any) -> GenerateParams:
-    fields.setdefault("messages", (ChatTurn(Role.USER, "hi"),))
+    fields.setdefault("messages", (ChatTurn(ChatRole.USER, "hi"),))
     return GenerateParams(**fields)
 
 
@@ -43,7 +51,11 @@ def invalid(params: GenerateParams, catalog: list[ModelSpec] = CATALOG) -> Inval
         ({"messages": ()}, "messages", "must not be empty"),
         ({"prompt": "x"}, "prompt", "set exactly one of messages and prompt"),
         ({"messages": (), "prompt": ""}, "prompt", "must not be empty"),
-        ({"messages": (ChatTurn(Role.USER, "a"), ChatTurn(None, "b"))}, "messages[1].role", "must be set"),
+        (
+            {"messages": (ChatTurn(ChatRole.USER, "a"), ChatTurn(None, "b"))},
+            "messages[1].role",
+            "must be set",
+        ),
         ({"session_id": ""}, "session_id", "must not be empty"),
         ({"messages": (), "prompt": "p", "session_id": "s"}, "session_id", "sessions need chat messages"),
         ({"model": "nope"}, "model", "unknown model 'nope' (known chat models: chat, chat2)"),

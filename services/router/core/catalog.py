@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.router.domain import ModelKind, ModelSpec
+from services.router.core.domain import ModelKind, ModelSpec
 
 TIERS = ("small", "medium", "large")
 DEVICES = ("cpu", "cuda", "mps")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.prompt_tokens import PromptTokens, rough_tokens
+from services.router.core.prompt_tokens import PromptTokens, rough_tokens
 
 
 def test_starts_rough_and_learns_the_template_overhead_per_model() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.degradation import (
+from services.router.core.domain import DegradationStep, ModelKind, ModelSpec
+from services.router.core.ladder import (
     Decision,
     Ladder,
     LadderConfig,
@@ -13,8 +14,7 @@ from services.router.degradation import (
     Rung,
     fallback_model,
 )
-from services.router.domain import DegradationStep, ModelKind, ModelSpec
-from services.router.queues import Priority
+from services.router.core.queues import Priority
 
 P = Priority
 RATE = 100.0  # tokens/s: a backlog of 100 * s tokens is a wait of s seconds

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from services.router.guardrails import injection, pii
-from services.router.guardrails.policy import (
+from services.router.core.guardrails import injection, pii
+from services.router.core.guardrails.policy import (
     INJECTION,
     INPUT_SIZE,
     GuardrailConfig,
@@ -17,7 +17,7 @@ from services.router.guardrails.policy import (
     check_input,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "guardrails.jsonl"
+DATA = Path(__file__).resolve().parents[3] / "data" / "guardrails.jsonl"
 
 
 def test_luhn_and_iban_checksums():

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.catalog import CatalogError, auto_quality, merge, parse_catalog, pick_auto
-from services.router.domain import ModelKind, ModelSpec
+from services.router.core.catalog import CatalogError, auto_quality, merge, parse_catalog, pick_auto
+from services.router.core.domain import ModelKind, ModelSpec
 
 FILE = """
 [[model]]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.domain import DeviceSpec, EndpointKind, LoadSnapshot, ModelKind, ModelSpec
-from services.router.placement import Candidate
-from services.router.registry import Registry
+from services.router.core.domain import DeviceSpec, EndpointKind, LoadSnapshot, ModelKind, ModelSpec
+from services.router.core.placement import Candidate
+from services.router.core.registry import Registry
 
 CHAT = ModelSpec("chat", ModelKind.CHAT, context_length=2048)
 EMBED = ModelSpec("embed", ModelKind.EMBEDDING, embedding_dim=384)

@@ -45,7 +45,7 @@ class RoleError(ValueError):
 
 
 @dataclass(frozen=True)
-class Role:
+class AccessRole:
     name: str
     groups: frozenset[str]
     models: frozenset[str] | None = None  # None: every model
@@ -71,16 +71,18 @@ class Role:
         return f"role {self.name!r} may not use priority {priority.upper()}"
 
 
-BUILTIN_ROLES: dict[str, Role] = {
-    "admin": Role("admin", GROUPS),
+BUILTIN_ROLES: dict[str, AccessRole] = {
+    "admin": AccessRole("admin", GROUPS),
     # Cluster status shows every endpoint's address and load: operators' business.
-    "user": Role(
+    "user": AccessRole(
         "user",
         frozenset({"inference", "sessions", "batches"}),
         priorities=frozenset({"interactive", "standard", "batch"}),
     ),
-    "batch": Role("batch", frozenset({"inference", "batches"}), priorities=frozenset({"standard", "batch"})),
-    "reader": Role("reader", frozenset({"status"}), models=frozenset(), priorities=frozenset()),
+    "batch": AccessRole(
+        "batch", frozenset({"inference", "batches"}), priorities=frozenset({"standard", "batch"})
+    ),
+    "reader": AccessRole("reader", frozenset({"status"}), models=frozenset(), priorities=frozenset()),
 }
 
 
@@ -96,7 +98,7 @@ def _names(field: str, raw: str, known: Iterable[str] | None) -> frozenset[str] 
     return frozenset(values)
 
 
-def parse_role(spec: str) -> Role:
+def parse_role(spec: str) -> AccessRole:
     """`name[:rpcs=a,b][:models=m1,m2][:priorities=p1,p2]`."""
     name, *parts = [p.strip() for p in spec.split(":")]
     if not name or not name.replace("-", "").replace("_", "").isalnum():
@@ -119,10 +121,10 @@ def parse_role(spec: str) -> Role:
             priorities = frozenset(PRIORITIES) if named is None else named
         else:
             raise RoleError(f"role {name!r}: unknown field {key!r} (rpcs, models, priorities)")
-    return Role(name, groups, models, priorities)
+    return AccessRole(name, groups, models, priorities)
 
 
-def build_roles(specs: Iterable[str]) -> dict[str, Role]:
+def build_roles(specs: Iterable[str]) -> dict[str, AccessRole]:
     """The built-in roles, overridden or extended by `specs`."""
     roles = dict(BUILTIN_ROLES)
     for spec in specs:
@@ -131,5 +133,5 @@ def build_roles(specs: Iterable[str]) -> dict[str, Role]:
     return roles
 
 
-def role_of(roles: Mapping[str, Role], name: str) -> Role | None:
+def role_of(roles: Mapping[str, AccessRole], name: str) -> AccessRole | None:
     return roles.get(name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.router.guardrails import injection, pii
+from services.router.core.guardrails import injection, pii
 
 INPUT_SIZE = "max_input_size"
 INJECTION = "prompt_injection"

@@ -12,9 +12,9 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.router.catalog import merge
-from services.router.domain import EndpointKind, LoadSnapshot, ModelKind, ModelSpec
-from services.router.placement import Candidate, Priors, step_seconds
+from services.router.core.catalog import merge
+from services.router.core.domain import EndpointKind, LoadSnapshot, ModelKind, ModelSpec
+from services.router.core.placement import Candidate, Priors, step_seconds
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
-from services.router.domain import EmbedParams, GenerateParams, ModelKind, ModelSpec, Sampling
+from services.router.core.domain import EmbedParams, GenerateParams, ModelKind, ModelSpec, Sampling
 
 _PRIORITY_MAX = 4  # PRIORITY_BATCH
 _KIND_NOUN = {ModelKind.CHAT: "chat", ModelKind.EMBEDDING: "embedding"}

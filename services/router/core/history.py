@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.router.domain import ChatTurn, HistoryMessage, NewTurn, Role
+from services.router.core.domain import ChatRole, ChatTurn, HistoryMessage, NewTurn
 
 
 def msg_id_prefix(request_id: str) -> str:
@@ -27,10 +27,12 @@ def merge_history(
     past = [m for m in window if m.role is not None and not m.client_msg_id.startswith(prefix)]
     if not past:
         return list(new)
-    new_system = [t for t in new if t.role is Role.SYSTEM]
-    old_system = [] if new_system else [ChatTurn(m.role, m.content) for m in past if m.role is Role.SYSTEM]
-    old_rest = [ChatTurn(m.role, m.content) for m in past if m.role is not Role.SYSTEM]
-    new_rest = [t for t in new if t.role is not Role.SYSTEM]
+    new_system = [t for t in new if t.role is ChatRole.SYSTEM]
+    old_system = (
+        [] if new_system else [ChatTurn(m.role, m.content) for m in past if m.role is ChatRole.SYSTEM]
+    )
+    old_rest = [ChatTurn(m.role, m.content) for m in past if m.role is not ChatRole.SYSTEM]
+    new_rest = [t for t in new if t.role is not ChatRole.SYSTEM]
     return [*old_system, *new_system, *old_rest, *new_rest]
 
 
@@ -56,5 +58,5 @@ def turns_to_append(
         if turn.role is not None
     ]
     suffix = REPLY if complete else INCOMPLETE_REPLY
-    turns.append(NewTurn(Role.ASSISTANT, reply, f"{prefix}{suffix}", completion_tokens))
+    turns.append(NewTurn(ChatRole.ASSISTANT, reply, f"{prefix}{suffix}", completion_tokens))
     return turns

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from services.router.placement import (
+from services.router.core.placement import (
     Ask,
     Candidate,
     HardwareNeeds,

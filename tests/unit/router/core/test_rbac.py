@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.router.rbac import BUILTIN_ROLES, METHOD_GROUPS, RoleError, build_roles, parse_role
+from services.router.core.rbac import BUILTIN_ROLES, METHOD_GROUPS, RoleError, build_roles, parse_role
 
 GENERATE = "/infermesh.router.v1.Inference/Generate"
 CREATE_KEY = "/infermesh.router.v1.Admin/CreateApiKey"
