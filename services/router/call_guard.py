@@ -1,7 +1,7 @@
 """Quotas and guardrails around Generate and Embed, run after authentication and before the
 servicer: input guardrails (size, prompt injection, PII redaction), the tenant's token quota
-reserved before the request runs and settled from its usage after, PII redaction of the
-streamed output. Every verdict is counted; refusals are audited."""
+reserved before the request runs and settled from its usage after (output PII redaction runs
+in `generation`, before the turn is recorded). Every verdict is counted; refusals are audited."""
 
 from __future__ import annotations
 
@@ -81,7 +81,6 @@ class CallGuard:
         reservation = await self._reserve(
             tenant, key_prefix, method, rough_tokens(chars) + self._max_tokens(request)
         )
-        redactor = policy.OutputRedactor(self.guardrails.pii_kinds) if self.guardrails.pii_output else None
         used: int | None = None
         sent_any = False
         try:
@@ -89,22 +88,10 @@ class CallGuard:
                 sent_any = True
                 if response.HasField("usage"):
                     used = response.usage.prompt_tokens + response.usage.completion_tokens
-                if redactor is not None:
-                    final = bool(response.finish_reason)
-                    response.text = redactor.feed(response.text) + (redactor.finish() if final else "")
-                    # Token ids would carry the redacted text past the redaction.
-                    del response.token_ids[:]
-                    del response.logprobs[:]
-                    if final:
-                        self._count_output(redactor)
                 yield response
         finally:
             # Not run at all: nothing to count. Ended early: the reservation stands.
             await self.quotas.settle(reservation, _used(reservation, used, sent_any))
-
-    def _count_output(self, redactor: policy.OutputRedactor) -> None:
-        for kind, count in redactor.redacted.items():
-            GUARDRAIL_HITS.labels(policy.PII_OUTPUT, f"redacted_{kind}").inc(count)
 
     async def embed(
         self, request: Any, tenant: str, key_prefix: str, method: str, run: Callable[[], Any]

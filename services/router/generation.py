@@ -32,6 +32,7 @@ from services.router.core.domain import (
     HistoryMessage,
     ModelKind,
 )
+from services.router.core.guardrails import policy
 from services.router.core.history import merge_history, turns_to_append
 from services.router.core.ladder import LadderConfig, Load
 from services.router.core.placement import Ask, HardwareNeeds
@@ -47,7 +48,7 @@ from services.router.core.reply_cache import ReplyCache
 from services.router.core.validation import GenerateLimits, time_budget, validate_generate
 from services.router.endpoints import EndpointMonitor
 from services.router.failover import Failover, Relayed
-from services.router.metrics import FAILOVERS
+from services.router.metrics import FAILOVERS, GUARDRAIL_HITS
 from services.router.overload import Overload, cached_reply, cached_stream
 from services.router.sessions import SessionClient, SessionUnavailable
 from services.router.tenancy import tenant_of
@@ -85,11 +86,18 @@ class _Turn:
 
 class Generation:
     def __init__(
-        self, config: RouterConfig, endpoints: EndpointMonitor, sessions: SessionClient | None
+        self,
+        config: RouterConfig,
+        endpoints: EndpointMonitor,
+        sessions: SessionClient | None,
+        guardrails: policy.GuardrailConfig,
     ) -> None:
         self.config = config
         self.endpoints = endpoints
         self.sessions = sessions
+        # Output PII redaction runs here, inside the layer that records the turn: the session
+        # keeps the reply the client saw.
+        self.guardrails = guardrails
         self._background: set[asyncio.Task[Degradation | None]] = set()
         # Prompt tokens as the workers count them (chat template included), learnt per model.
         self.prompt_tokens = PromptTokens()
@@ -248,15 +256,27 @@ class Generation:
         self, stream: AsyncIterator[Relayed], model_id: str, turn: _Turn, cache_key: str | None = None
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         """Pass the reply through as it comes (from workers, moving to another one when one
-        breaks, or from the reply cache); record the turn before the last message."""
-        reply: list[str] = []
+        breaks, or from the reply cache), redacted where output PII redaction is on; record the
+        turn as the client sees it, before the last message."""
+        reply: list[str] = []  # as generated: what the reply cache keeps
+        shown: list[str] = []  # as sent to the client: what the session records
         token_ids: list[int] = []
+        redactor = policy.OutputRedactor(self.guardrails.pii_kinds) if self.guardrails.pii_output else None
         first = True
         recording = False  # the finished turn is being (or was) recorded
         try:
             async for relayed in stream:
                 resp = relayed.resp
                 out = convert.generate_response_to_pb(resp, turn.request_id)
+                final = convert.is_final(resp)
+                if redactor is not None:
+                    out.text = redactor.feed(resp.text) + (redactor.finish() if final else "")
+                    # Token ids would carry the redacted text past the redaction.
+                    del out.token_ids[:]
+                    del out.logprobs[:]
+                    if final:
+                        for kind, count in redactor.redacted.items():
+                            GUARDRAIL_HITS.labels(policy.PII_OUTPUT, f"redacted_{kind}").inc(count)
                 if first:
                     first = False
                     out.model = resp.model or model_id
@@ -267,10 +287,11 @@ class Generation:
                 if relayed.moved is not None:
                     out.degraded.append(convert.degradation_to_pb(relayed.moved))
                 reply.append(resp.text)
+                shown.append(out.text)
                 token_ids.extend(resp.token_ids)
-                if convert.is_final(resp) and resp.usage.prompt_tokens:
+                if final and resp.usage.prompt_tokens:
                     self.prompt_tokens.observe(model_id, turn.prompt_chars, resp.usage.prompt_tokens)
-                if convert.is_final(resp) and convert.finished_normally(resp):
+                if final and convert.finished_normally(resp):
                     if cache_key is not None:
                         self.overload.remember(
                             cache_key, cached_reply(resp, out.model or model_id, reply, token_ids)
@@ -278,13 +299,13 @@ class Generation:
                     if turn.record:
                         recording = True
                         # Recorded before the client sees the end, so its next turn finds this one.
-                        note = await self._record(turn, "".join(reply), resp.usage.completion_tokens)
+                        note = await self._record(turn, "".join(shown), resp.usage.completion_tokens)
                         if note is not None:
                             out.degraded.append(convert.degradation_to_pb(note))
                 yield out
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away (cancelled, or its deadline passed): keep what it was sent.
-            delivered = "".join(reply)
+            delivered = "".join(shown)
             if turn.record and not recording and delivered:
                 self._record_in_background(turn, delivered, len(token_ids))
             raise

@@ -81,13 +81,14 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     )
     sink = AuditSink(governance, timeout_s=config.downstream_timeout_s)
     quotas = create_quotas(config)
+    guardrails = GuardrailConfig(
+        max_input_chars=config.guard_max_input_chars,
+        injection=config.guard_prompt_injection,
+        pii_input=config.guard_pii_input,
+        pii_output=config.guard_pii_output,
+    )
     guard = CallGuard(
-        GuardrailConfig(
-            max_input_chars=config.guard_max_input_chars,
-            injection=config.guard_prompt_injection,
-            pii_input=config.guard_pii_input,
-            pii_output=config.guard_pii_output,
-        ),
+        guardrails,
         quotas,
         sink,
         default_max_tokens=config.default_max_tokens,
@@ -109,7 +110,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
             DEFAULT_TENANT,
         )
     router_id = config.router_id or f"router-{uuid.uuid4().hex[:8]}"
-    inference = InferenceServicer(config, endpoints, sessions, router_id)
+    inference = InferenceServicer(config, endpoints, sessions, router_id, guardrails)
     inference.batches.guard = auth.call_guard
 
     def register(server: grpc.aio.Server) -> None:

@@ -19,6 +19,7 @@ from services.router.batch_store import BatchStore, create_store_engine
 from services.router.batches import BatchService
 from services.router.config import RouterConfig
 from services.router.core.domain import EndpointKind, ModelKind
+from services.router.core.guardrails.policy import GuardrailConfig
 from services.router.core.queues import Priority
 from services.router.core.registry import EndpointView
 from services.router.core.validation import resolve_model, validate_embed
@@ -32,13 +33,18 @@ _SESSION_HEALTH_TIMEOUT_S = 1.0
 
 class InferenceServicer(router_pb2_grpc.InferenceServicer):
     def __init__(
-        self, config: RouterConfig, endpoints: EndpointMonitor, sessions: SessionClient | None, router_id: str
+        self,
+        config: RouterConfig,
+        endpoints: EndpointMonitor,
+        sessions: SessionClient | None,
+        router_id: str,
+        guardrails: GuardrailConfig,
     ) -> None:
         self.config = config
         self.endpoints = endpoints
         self.sessions = sessions
         self.router_id = router_id
-        self.generation = Generation(config, endpoints, sessions)
+        self.generation = Generation(config, endpoints, sessions, guardrails)
         store = BatchStore(create_store_engine(config.batch_store_url))
         self.batches = BatchService(config, store, self.generation, endpoints.registry.catalog, router_id)
 

@@ -290,3 +290,26 @@ async def test_sessions_disabled_is_failed_precondition(mesh: Mesh) -> None:
             assert text_of(await collect(stub, chat_request("hi"), timeout=5)) == "echo: hi"
     finally:
         await router.stop(0)
+
+
+async def test_the_recorded_reply_is_the_redacted_one_the_client_saw(mesh: Mesh) -> None:
+    router = await start_router(
+        worker_addresses=[s.address for s in mesh.worker_servers],
+        session_address=mesh.session_server.address,
+        guard_pii_output=True,
+    )
+    try:
+        async with grpc.aio.insecure_channel(router.address) as channel:
+            stub = router_pb2_grpc.InferenceStub(channel)
+            await wait_healthy(stub, {s.address for s in mesh.worker_servers})
+            session = await stub.CreateSession(router_pb2.CreateSessionRequest(user_id="ada"), timeout=5)
+            request = chat_request("write to jane@example.com", session_id=session.session_id, max_tokens=64)
+            seen = text_of(await collect(stub, request, timeout=5))
+            history = await stub.GetHistory(
+                router_pb2.GetHistoryRequest(session_id=session.session_id), timeout=5
+            )
+    finally:
+        await router.stop(0)
+    # The fake worker echoes the prompt: its reply carries the address, the client never saw it.
+    assert seen == "echo: write to [EMAIL]"
+    assert [(ROLE.Name(m.role), m.content) for m in history.messages][-1] == ("ROLE_ASSISTANT", seen)
