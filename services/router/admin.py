@@ -50,8 +50,10 @@ class AdminServicer(router_pb2_grpc.AdminServicer):
         roles: Mapping[str, AccessRole],
         resolver: KeyResolver,
         timeout_s: float,
+        endpoints: EndpointMonitor,
     ) -> None:
         self._stub = stub
+        self._endpoints = endpoints  # what DrainEndpoint acts on
         self._roles = roles
         self._resolver = resolver
         self._timeout_s = timeout_s
@@ -119,14 +121,9 @@ class AdminServicer(router_pb2_grpc.AdminServicer):
         )
         return router_pb2.ListApiKeysResponse(keys=[_key_info(k) for k in resp.keys])
 
-    # Set by the server factory: the endpoints DrainEndpoint acts on.
-    endpoints: EndpointMonitor | None = None
-
     @grpc_errors
     async def DrainEndpoint(
         self, request: router_pb2.DrainEndpointRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.DrainEndpointResponse:
-        if self.endpoints is None:
-            raise FailedPrecondition("this router has no endpoints to drain")
-        await drain_endpoint(self.endpoints, request.address, self._timeout(context))
+        await drain_endpoint(self._endpoints, request.address, self._timeout(context))
         return router_pb2.DrainEndpointResponse()

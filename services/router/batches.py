@@ -28,7 +28,14 @@ from infermesh.router.v1 import router_pb2
 from services.common.errors import DomainError, InvalidArgument, NotFound, PermissionDenied
 from services.common.logs import tenant_var
 from services.router import convert
-from services.router.auth import GENERATE, Principal, authorize_model, current_principal, principal_var
+from services.router.auth import (
+    DEFAULT_TENANT,
+    GENERATE,
+    Principal,
+    authorize_model,
+    current_principal,
+    principal_var,
+)
 from services.router.batch_store import BatchStore, JobRow, JobState, PendingItem, StoreUnavailable
 from services.router.config import RouterConfig
 from services.router.core.rbac import AccessRole
@@ -122,19 +129,6 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-class _ItemContext:
-    """What Generate reads of a servicer context, for an item that has no caller: a deadline."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self._until = time.monotonic() + timeout_s
-
-    def time_remaining(self) -> float:
-        return max(0.0, self._until - time.monotonic())
-
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
-
-
 @dataclass(frozen=True)
 class BatchLimits:
     max_items: int
@@ -154,6 +148,7 @@ class BatchService:
         generation: Generation,
         catalog: Callable[[], Any],
         replica_id: str,
+        guard: CallGuard | None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -169,8 +164,8 @@ class BatchService:
             item_attempts=config.batch_item_attempts,
             lease_s=config.batch_lease_s,
         )
-        # Quotas and guardrails, as for a Generate call (set by the server factory).
-        self.guard: CallGuard | None = None
+        # Quotas and guardrails, as for a Generate call; None: none are on.
+        self.guard = guard
         self._purged_at = float("-inf")
         self._tables = False
         self._wake = asyncio.Event()
@@ -399,7 +394,8 @@ class BatchService:
 
     def _generate(self, request: router_pb2.GenerateRequest) -> AsyncIterator[router_pb2.GenerateResponse]:
         def run() -> AsyncIterator[router_pb2.GenerateResponse]:
-            return self.generation.stream(request, _ItemContext(self.limits.item_timeout_s))  # type: ignore[arg-type]
+            tenant = DEFAULT_TENANT if principal is None else principal.tenant
+            return self.generation.stream(request, tenant, self.limits.item_timeout_s)
 
         principal = current_principal()
         if self.guard is None or principal is None:

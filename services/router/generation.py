@@ -51,7 +51,6 @@ from services.router.failover import Failover, Relayed
 from services.router.metrics import FAILOVERS, GUARDRAIL_HITS
 from services.router.overload import Overload, cached_reply, cached_stream
 from services.router.sessions import SessionClient, SessionUnavailable
-from services.router.tenancy import tenant_of
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +151,10 @@ class Generation:
         return Load(registry.waiting_tokens(EndpointKind.WORKER, now) + queued, tokens_per_s)
 
     async def stream(
-        self, req: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, req: router_pb2.GenerateRequest, tenant: str, time_remaining: float | None
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        """Generate for `tenant` within `time_remaining` seconds (None: no gRPC deadline; the
+        request's own `deadline` field still applies)."""
         params = convert.generate_from_pb(req)
         request_id = params.request_id or uuid.uuid4().hex
         request_id_var.set(request_id)
@@ -162,8 +163,8 @@ class Generation:
             params, self.endpoints.registry.catalog(), self.config.default_chat_model, self.limits
         )
         authorize_model(resolved.model.id)
-        deadline = _Deadline(time_budget(context.time_remaining(), params.deadline, time.time()))
-        turn = _Turn(params, request_id, tenant_of(context), deadline)
+        deadline = _Deadline(time_budget(time_remaining, params.deadline, time.time()))
+        turn = _Turn(params, request_id, tenant, deadline)
         await self._load_history(turn)
         messages = merge_history(turn.window, params.messages, request_id)
         worker_req = convert.worker_request_to_pb(

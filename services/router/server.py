@@ -110,14 +110,12 @@ async def create_server(config: RouterConfig) -> GrpcServer:
             DEFAULT_TENANT,
         )
     router_id = config.router_id or f"router-{uuid.uuid4().hex[:8]}"
-    inference = InferenceServicer(config, endpoints, sessions, router_id, guardrails)
-    inference.batches.guard = auth.call_guard
+    inference = InferenceServicer(config, endpoints, sessions, router_id, guardrails, auth.call_guard)
 
     def register(server: grpc.aio.Server) -> None:
         guarded = auth.guard(server)
         router_pb2_grpc.add_InferenceServicer_to_server(inference, guarded)
-        admin = AdminServicer(governance, roles, resolver, config.downstream_timeout_s)
-        admin.endpoints = endpoints
+        admin = AdminServicer(governance, roles, resolver, config.downstream_timeout_s, endpoints)
         router_pb2_grpc.add_AdminServicer_to_server(admin, guarded)
 
     async def on_stop() -> None:

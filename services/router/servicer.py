@@ -17,6 +17,7 @@ from services.router import convert, metrics
 from services.router.auth import authorize_model
 from services.router.batch_store import BatchStore, create_store_engine
 from services.router.batches import BatchService
+from services.router.call_guard import CallGuard
 from services.router.config import RouterConfig
 from services.router.core.domain import EndpointKind, ModelKind
 from services.router.core.guardrails.policy import GuardrailConfig
@@ -39,6 +40,7 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
         sessions: SessionClient | None,
         router_id: str,
         guardrails: GuardrailConfig,
+        call_guard: CallGuard | None,
     ) -> None:
         self.config = config
         self.endpoints = endpoints
@@ -46,13 +48,15 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
         self.router_id = router_id
         self.generation = Generation(config, endpoints, sessions, guardrails)
         store = BatchStore(create_store_engine(config.batch_store_url))
-        self.batches = BatchService(config, store, self.generation, endpoints.registry.catalog, router_id)
+        self.batches = BatchService(
+            config, store, self.generation, endpoints.registry.catalog, router_id, call_guard
+        )
 
     @grpc_errors
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        stream = self.generation.stream(request, context)
+        stream = self.generation.stream(request, tenant_of(context), context.time_remaining())
         async for response in metrics.observe_generate(request, tenant_of(context), stream):
             yield response
 
