@@ -27,6 +27,7 @@ from services.worker.core.block_manager import BlockManager
 from services.worker.core.scheduler import Scheduler, SchedulerLimits
 from services.worker.engine import Engine, EngineLoad, model_thread
 from services.worker.health import HealthProbe
+from services.worker.model import paged_attention_cpu
 from services.worker.model.kernel_bench import candidates
 from services.worker.model.loader import LoadedWeights, packaged_model_path
 from services.worker.model.paged_kv_cache import PagedKVCache
@@ -297,4 +298,7 @@ def _load_model(config: WorkerConfig) -> tuple[ModelRunner, Tokenizer, str]:
             f"{weights.args.context_length}"
         )
     tokenizer = Tokenizer.load(path, cache_dir, weights.eos_token_ids)
+    # Here on the model thread, not on the first step: building the decode kernel the first time
+    # on a machine takes about a minute (then torch's extension cache has it).
+    paged_attention_cpu.available(runner.cache_dtype, device)
     return runner, tokenizer, weights.source

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from services.worker.model import paged_attention_cpu
 from services.worker.model.args import ModelArgs
 from services.worker.model.kernels import Kernel
 from services.worker.model.llama import attention, chunk_mask
@@ -20,8 +21,16 @@ class PagedKVCache:
     """Keys and values of `num_blocks` blocks of `block_size` positions, for every layer."""
 
     def __init__(
-        self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        args: ModelArgs,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        decode_kernel: bool | None = None,
     ) -> None:
+        """`decode_kernel`: attend decodes with the C++ kernel of `paged_attention_cpu` (None:
+        wherever it runs, i.e. float32 on CPU with a compiler), else in torch ops."""
         # One flat slot axis (block * block_size + offset): writes and gathers are single index ops.
         # Heads before slots: a gather then comes out in the [heads, positions, head_dim] layout
         # attention reads, with no transpose copy (worth several times the gather itself).
@@ -34,6 +43,9 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = device
+        self.decode_kernel = (
+            paged_attention_cpu.available(dtype, device) if decode_kernel is None else decode_kernel
+        )
 
     @property
     def nbytes(self) -> int:
@@ -65,6 +77,17 @@ class PagedSpan:
     mask: torch.Tensor | None
 
 
+def padded_tables(decodes: Sequence[tuple[int, Sequence[int]]], block_size: int) -> tuple[list[int], int]:
+    """The blocks each decode (position, block table) reads, row-major, each row padded with
+    block 0 to the longest: (flat blocks, width)."""
+    width = max(start // block_size + 1 for start, _ in decodes)
+    blocks: list[int] = []
+    for start, table in decodes:
+        used = list(table[: start // block_size + 1])
+        blocks += used + [0] * (width - len(used))
+    return blocks, width
+
+
 @dataclasses.dataclass
 class DecodeGroup:
     """One-token chunks of a batch with similar lengths, attended together in one padded call.
@@ -89,11 +112,7 @@ class DecodeGroup:
     ) -> DecodeGroup:
         """`decodes`: (position of the token, block table) of each decoding sequence."""
         size = cache.block_size
-        width = max(start // size + 1 for start, _ in decodes)
-        blocks: list[int] = []
-        for start, table in decodes:
-            used = list(table[: start // size + 1])
-            blocks += used + [0] * (width - len(used))
+        blocks, width = padded_tables(decodes, size)
         lengths = torch.tensor([start + 1 for start, _ in decodes])
         pad = torch.arange(width * size).unsqueeze(0) >= lengths.unsqueeze(1)
         return cls(
@@ -125,6 +144,38 @@ class DecodeGroup:
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.matmul(probs, values)  # [kv_heads, n, group, head_dim]
         return out.transpose(1, 2).reshape(1, kv_heads * group, n, head_dim)
+
+
+@dataclasses.dataclass
+class DecodeBatch:
+    """Every one-token chunk of a batch, attended in one call of the paged-cache kernel: each
+    sequence reads its own positions through its block table, so nothing is padded or gathered."""
+
+    rows: torch.Tensor
+    # [n, width] block tables (padded with block 0, never read) and [n] positions attended.
+    tables: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def build(
+        cls, cache: PagedKVCache, rows: Sequence[int], decodes: Sequence[tuple[int, Sequence[int]]]
+    ) -> DecodeBatch:
+        tables, width = padded_tables(decodes, cache.block_size)
+        return cls(
+            rows=torch.tensor(rows, dtype=torch.long, device=cache.device),
+            tables=torch.tensor(tables, dtype=torch.long, device=cache.device).view(len(decodes), width),
+            lengths=torch.tensor([start + 1 for start, _ in decodes], dtype=torch.long, device=cache.device),
+        )
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int
+    ) -> torch.Tensor:
+        """q [1, heads, T, head_dim] of the whole batch; the decodes' outputs [1, heads, n, head_dim]."""
+        queries = q[0].index_select(1, self.rows).transpose(0, 1).contiguous()
+        out = paged_attention_cpu.decode_attention(
+            queries, k_cache, v_cache, self.tables, self.lengths, block_size
+        )
+        return out.transpose(0, 1).unsqueeze(0)
 
 
 def length_groups(block_counts: Sequence[int], min_group: int = 4) -> list[list[int]]:
@@ -162,6 +213,8 @@ class PagedForwardContext:
     spans: list[PagedSpan]
     decodes: list[DecodeGroup] = dataclasses.field(default_factory=list)
     kernel: Kernel | None = None
+    # All decodes at once where the cache has the decode kernel (then `decodes` is empty).
+    decode_batch: DecodeBatch | None = None
 
     @classmethod
     def build(
@@ -190,11 +243,14 @@ class PagedForwardContext:
                 writes += slots[start:].tolist()
                 spans.append(PagedSpan(begin, begin + length, slots, chunk_mask(length, start, cache.device)))
             begin += length
+        write_slots = torch.tensor(writes, dtype=torch.long, device=cache.device)
+        if cache.decode_kernel and decodes:
+            batch = DecodeBatch.build(cache, decode_rows, decodes)
+            return cls(rope[0], rope[1], cache, write_slots, spans, [], kernel, batch)
         groups = [
             DecodeGroup.build(cache, [decode_rows[i] for i in g], [decodes[i] for i in g])
             for g in length_groups([start // size + 1 for start, _ in decodes])
         ]
-        write_slots = torch.tensor(writes, dtype=torch.long, device=cache.device)
         return cls(rope[0], rope[1], cache, write_slots, spans, groups, kernel)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -202,6 +258,9 @@ class PagedForwardContext:
         # index_copy_/index_select: far quicker on CPU than the general advanced-indexing kernels.
         k_cache.index_copy_(1, self.write_slots, k[0])
         v_cache.index_copy_(1, self.write_slots, v[0])
+        batch = self.decode_batch
+        if batch is not None and len(batch.rows) == q.shape[2]:
+            return batch.attend(q, k_cache, v_cache, self.cache.block_size)
         if len(self.decodes) == 1 and len(self.decodes[0].rows) == q.shape[2]:
             return self.decodes[0].attend(q, k_cache, v_cache)
         out = torch.empty_like(q)
@@ -215,4 +274,6 @@ class PagedForwardContext:
             )
         for group in self.decodes:
             out.index_copy_(2, group.rows, group.attend(q, k_cache, v_cache))
+        if batch is not None:
+            out.index_copy_(2, batch.rows, batch.attend(q, k_cache, v_cache, self.cache.block_size))
         return out
