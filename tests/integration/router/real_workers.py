@@ -41,7 +41,9 @@ WORKER_SETTINGS: dict[str, Any] = {
 # Placement, not failure detection, is under test: a worker sharing this process's event loop
 # and the CPU can miss the fast helpers' 0.5 s staleness window while it prefills, and a stale
 # endpoint is no candidate, so a turn would move for a reason that has nothing to do with load.
-ROUTER_SETTINGS: dict[str, Any] = {"endpoint_stale_s": 5.0}
+# For the same reason a gap of 5 s (the default stall timeout) between a turn's first and second
+# token, seen here on a 2-core CPU with both workers in this process, is no stall to fail over.
+ROUTER_SETTINGS: dict[str, Any] = {"endpoint_stale_s": 5.0, "stall_timeout_s": 30.0}
 
 # Twenty streams make the busy worker's next turn about 2-3x slower by its measured step model
 # (3.1x by the prior per-sequence share). The two workers' fixed step costs, measured on one
