@@ -25,6 +25,7 @@ from infermesh.session.v1 import governance_pb2, governance_pb2_grpc
 from services.common import apikeys
 from services.common.errors import DomainError, PermissionDenied, Unauthenticated, Unavailable
 from services.common.logs import tenant_var
+from services.common.status import abort_with
 from services.common.telemetry import span
 from services.router import audit
 from services.router.core.rbac import AccessRole
@@ -198,13 +199,6 @@ class Authenticator:
         return principal
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: DomainError) -> None:
-    metadata = exc.trailing_metadata()
-    if metadata:
-        context.set_trailing_metadata(metadata)
-    await context.abort(exc.code, exc.message)
-
-
 def _prefix_of(context: grpc.aio.ServicerContext) -> str:
     key = key_from_metadata(context.invocation_metadata())
     parts = apikeys.split(key) if key else None
@@ -291,7 +285,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> g
                     lambda: inner_unary(request, context),
                 )
             except DomainError as exc:
-                await _abort(context, exc)
+                await abort_with(context, exc)
 
         return grpc.unary_unary_rpc_method_handler(
             unary, _lenient(handler.request_deserializer), handler.response_serializer
@@ -316,7 +310,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> g
                     ):
                         yield item
                 except DomainError as exc:
-                    await _abort(context, exc)
+                    await abort_with(context, exc)
                 return
             result = inner_stream(request, context)
             if inspect.isawaitable(result):  # a coroutine handler (e.g. `unimplemented`) aborts

@@ -38,7 +38,9 @@ class CallGuard:
 
     @property
     def active(self) -> bool:
-        return self.guardrails.enabled or self.quotas.enabled
+        # Output redaction is not this layer's (see `generation`): pii_output alone needs no guard.
+        g = self.guardrails
+        return bool(g.max_input_chars or g.injection or g.pii_input) or self.quotas.enabled
 
     def _blocked(self, blocked: policy.Blocked, tenant: str, key_prefix: str, method: str) -> InvalidArgument:
         GUARDRAIL_HITS.labels(blocked.guardrail, "blocked").inc()
