@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.router.helpers import router_for, wait_healthy
 from tests.integration.router.real_workers import (
+    AFFINITY_FACTOR,
     ROUTER_SETTINGS,
     RealWorker,
     real_workers,
@@ -30,14 +31,17 @@ async def two_workers() -> AsyncIterator[list[RealWorker]]:
 async def test_session_affinity_turns_history_into_prefix_cache_hits(two_workers: list[RealWorker]) -> None:
     # With affinity first: whatever it leaves in the caches can only help the run without.
     # A wide affinity_factor: this measures what staying is worth, not where the default
-    # factor (1.5) trades it for balance under a burst (bench/affinity.py shows both).
+    # factor (1.5) trades it for balance under a burst (bench/affinity.py shows both). A wave
+    # whose order puts one worker's three sessions first gives that worker three prompts to
+    # prefill where the other has one: up to 3x slower by prediction when prefill dominates,
+    # so a factor of 3 sat on the edge (3 of 24 turns moved once); 8 is well past it.
     # Waves in a shuffled order: without affinity, load sends about half the later turns to
     # the other worker (sessions in step would otherwise tend to go back by load alone).
     shape: dict[str, Any] = {
         "sessions": 6,
         "turns": 5,
         "max_tokens": 12,
-        "affinity_factor": 3.0,
+        "affinity_factor": AFFINITY_FACTOR,
         "shuffle_seed": 7,
     }
     with_affinity = await run_conversations(two_workers, session_affinity=True, **shape)
