@@ -82,7 +82,7 @@ restore: install
 lint: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy services/common services/launcher services/embedder infermesh/cli.py infermesh/client
+	$(VENV)/bin/mypy services/common services/launcher services/embedder services/router infermesh/cli.py infermesh/client
 	$(VENV)/bin/mypy --strict services/worker/core services/router/core services/session/window.py services/session/pg_append.py \
 		services/common/apikeys.py \
 		services/embedder/batching.py services/embedder/meter.py services/embedder/health.py \

@@ -13,7 +13,7 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -150,6 +150,36 @@ class GrpcMetricsInterceptor(HandlerInterceptor):
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+def checked_first(
+    handler: grpc.RpcMethodHandler,
+    check: Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """`handler` with `check(request, context)` awaited before it runs (it aborts the call to
+    refuse it); for unary requests only. `request_deserializer` replaces the handler's."""
+    behavior, factory = handler_behavior(handler)
+    if inspect.isasyncgenfunction(behavior):
+
+        async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await check(request, context)
+            async for item in behavior(request, context):
+                yield item
+
+        wrapped: Callable[..., Any] = streamed
+    else:
+
+        async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await check(request, context)
+            return await behavior(request, context)
+
+        wrapped = awaited
+    return factory(
+        wrapped,
+        request_deserializer=request_deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def handler_behavior(handler: grpc.RpcMethodHandler) -> tuple[Callable[..., Any], Callable[..., Any]]:

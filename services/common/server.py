@@ -8,10 +8,9 @@ Each service has `create_server(config) -> (Service, port)` built on
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -19,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.registry import Collector
 
-from services.common.metrics import HandlerInterceptor, MetricsEndpoint, handler_behavior
+from services.common.malformed import MalformedRequests
+from services.common.metrics import HandlerInterceptor, MetricsEndpoint, checked_first
 from services.common.telemetry import server_interceptors
 from services.common.tls import TlsConfig, server_credentials
 
@@ -47,30 +47,9 @@ class AllowedClients(HandlerInterceptor):
     def wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if path.startswith(_OPEN_SERVICES):
             return handler
-        behavior, factory = handler_behavior(handler)
-        check = self._check
-        if inspect.isasyncgenfunction(behavior):
+        return checked_first(handler, self._check)
 
-            async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await check(context)
-                async for item in behavior(request, context):
-                    yield item
-
-            wrapped: Callable[..., Any] = streamed
-        else:
-
-            async def awaited(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await check(context)
-                return await behavior(request, context)
-
-            wrapped = awaited
-        return factory(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    async def _check(self, context: grpc.aio.ServicerContext) -> None:
+    async def _check(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         names = [n.decode() for n in context.auth_context().get("x509_common_name", [])]
         if not self.allowed.intersection(names):
             await context.abort(
@@ -101,6 +80,7 @@ class GrpcServer:
         metrics_port: int = 0,
         collectors: Iterable[Collector] = (),
         tls: TlsConfig | None = None,
+        interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -108,10 +88,14 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
         ]
         tls = tls or TlsConfig()
-        interceptors = server_interceptors()
+        # The first is outermost: telemetry sees every call; callers are checked before their
+        # bytes are parsed; the service's own (e.g. the router's authentication) run last.
+        chain: list[grpc.aio.ServerInterceptor] = list(server_interceptors())
         if tls.checks_callers:
-            interceptors.append(AllowedClients(tls.allowed_clients))
-        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+            chain.append(AllowedClients(tls.allowed_clients))
+        chain.append(MalformedRequests())
+        chain.extend(interceptors)
+        self.server = grpc.aio.server(options=options, interceptors=chain)
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 
+from infermesh.embedder.v1 import embedder_pb2_grpc
 from services.common.metrics import LoadReportCollector
 from services.common.server import GrpcServer, serve_forever
 from services.common.tls import TlsConfig
@@ -15,7 +16,7 @@ from services.embedder.config import EmbedderConfig
 from services.embedder.engine import EmbedEngine
 from services.embedder.health import HealthProbe
 from services.embedder.model import EmbeddingModel
-from services.embedder.servicer import SERVICE_NAME, EmbedderServicer, add_to_server
+from services.embedder.servicer import SERVICE_NAME, EmbedderServicer
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ async def create_server(config: EmbedderConfig) -> GrpcServer:
             host=config.host,
             port=config.port,
             service_names=[SERVICE_NAME],
-            register=lambda s: add_to_server(servicer, s),
+            register=lambda s: embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, s),
             on_drain=engine.drain,
             on_stop=stop,
             metrics_port=config.metrics_port,

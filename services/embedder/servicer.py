@@ -13,7 +13,6 @@ from services.common.errors import InvalidArgument
 from services.common.logs import request_id_var
 from services.common.status import grpc_errors
 from services.embedder import convert
-from services.embedder.convert import Undecodable
 from services.embedder.engine import EmbedEngine
 
 logger = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
 
     @grpc_errors
     async def Embed(
-        self, request: embedder_pb2.EmbedRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: embedder_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> embedder_pb2.EmbedResponse:
         query = convert.embed_query_from_pb(request)
         request_id_var.set(query.request_id)
@@ -41,17 +40,15 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
 
     @grpc_errors
     async def GetInfo(
-        self, request: embedder_pb2.GetInfoRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: embedder_pb2.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> embedder_pb2.GetInfoResponse:
-        convert.parsed(request)
         return convert.info_to_pb(self.endpoint_id, self.engine.description, self.engine.model.device())
 
     @grpc_errors
     async def StreamLoad(
-        self, request: embedder_pb2.StreamLoadRequest | Undecodable, context: grpc.aio.ServicerContext
+        self, request: embedder_pb2.StreamLoadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[common_pb2.LoadReport]:
-        message: embedder_pb2.StreamLoadRequest = convert.parsed(request)
-        interval_ms = message.interval_ms or self.default_interval_ms
+        interval_ms = request.interval_ms or self.default_interval_ms
         if not MIN_INTERVAL_MS <= interval_ms <= MAX_INTERVAL_MS:
             raise InvalidArgument(
                 "interval_ms",
@@ -64,28 +61,3 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                 # The last report said draining; ending the stream lets shutdown finish.
                 return
             await self.engine.wait_draining(interval_ms / 1000)
-
-
-def add_to_server(servicer: EmbedderServicer, server: grpc.aio.Server) -> None:
-    """Like the generated `add_EmbedderServicer_to_server`, but requests that fail to parse
-    (e.g. a string that is not UTF-8) reach the handler as `Undecodable`, so they get
-    INVALID_ARGUMENT naming the field rather than a bare error from grpc."""
-    handlers = {
-        "Embed": grpc.unary_unary_rpc_method_handler(
-            servicer.Embed,
-            request_deserializer=convert.lenient(embedder_pb2.EmbedRequest),
-            response_serializer=embedder_pb2.EmbedResponse.SerializeToString,
-        ),
-        "StreamLoad": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamLoad,
-            request_deserializer=convert.lenient(embedder_pb2.StreamLoadRequest),
-            response_serializer=common_pb2.LoadReport.SerializeToString,
-        ),
-        "GetInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetInfo,
-            request_deserializer=convert.lenient(embedder_pb2.GetInfoRequest),
-            response_serializer=embedder_pb2.GetInfoResponse.SerializeToString,
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)

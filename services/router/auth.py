@@ -1,5 +1,4 @@
-"""API key authentication and role checks for every public RPC, wrapped around each method
-handler when the servicers are registered.
+"""API key authentication and role checks for every public RPC, by a server interceptor.
 
 The key comes as `authorization: Bearer <key>` or `x-api-key: <key>` metadata. Its record
 (salted hash, tenant, role) is read from the session service and cached for `cache_s`, so a
@@ -11,13 +10,13 @@ the same code path runs (audit of admin calls included).
 from __future__ import annotations
 
 import contextvars
-import inspect
+import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
@@ -25,13 +24,10 @@ from infermesh.session.v1 import governance_pb2, governance_pb2_grpc
 from services.common import apikeys
 from services.common.errors import DomainError, PermissionDenied, Unauthenticated, Unavailable
 from services.common.logs import tenant_var
-from services.common.status import abort_with
+from services.common.metrics import HandlerInterceptor, checked_first
 from services.common.telemetry import span
 from services.router import audit
 from services.router.core.rbac import AccessRole
-
-if TYPE_CHECKING:
-    from services.router.call_guard import CallGuard
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +35,7 @@ DEFAULT_TENANT = "default"
 _PRIORITY_NAMES = {1: "critical", 2: "interactive", 3: "standard", 4: "batch"}
 GENERATE = "/infermesh.router.v1.Inference/Generate"
 EMBED = "/infermesh.router.v1.Inference/Embed"
+_GUARDED = "/infermesh.router.v1."
 _AUDITED_CALLS = {
     "/infermesh.router.v1.Inference/DeleteSession": audit.ERASURE,
     "/infermesh.router.v1.Inference/ExportUserData": audit.EXPORT,
@@ -154,20 +151,14 @@ class Authenticator:
         *,
         enabled: bool,
         anonymous: Principal,
-        guard: CallGuard | None = None,
     ) -> None:
         self.resolver = resolver
         self.sink = sink
         self.enabled = enabled
         self.anonymous = anonymous
-        # Quotas and guardrails of Generate and Embed; None or inactive: calls go straight through.
-        self.call_guard = guard if guard is not None and guard.active else None
 
-    def guard(self, server: grpc.aio.Server) -> _Guarded:
-        """Stands in for `server` in `add_<Service>Servicer_to_server`: every method of the
-        servicer is registered wrapped. Health and reflection, registered on `server`
-        itself, stay open."""
-        return _Guarded(server, self)
+    def interceptor(self) -> Authentication:
+        return Authentication(self)
 
     async def admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> Principal:
         """The caller's Principal, or an abort with UNAUTHENTICATED / PERMISSION_DENIED."""
@@ -216,110 +207,22 @@ def _denies_request(role: AccessRole, request: Any) -> str | None:
     return None
 
 
-class _Guarded:
-    def __init__(self, server: grpc.aio.Server, auth: Authenticator) -> None:
-        self._server = server
-        self._auth = auth
+class Authentication(HandlerInterceptor):
+    """The server interceptor: each call to the router's own services is authenticated and
+    its role checked before the servicer sees it, which then runs with the caller's
+    Principal in a contextvar. Health and reflection stay open."""
 
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        """Ignored: the same handlers come (by name) through add_registered_method_handlers."""
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        wrapped = {name: _wrap(h, f"/{service}/{name}", self._auth) for name, h in handlers.items()}
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
-        self._server.add_registered_method_handlers(service, wrapped)
+    def wrap(self, path: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if not path.startswith(_GUARDED):
+            return handler
+        return checked_first(handler, functools.partial(self._admit, path))
 
-
-class _Malformed:
-    """Stands in for a request whose bytes are no valid message, so that the call is answered
-    INVALID_ARGUMENT instead of grpc's UNKNOWN from a failed deserializer."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _lenient(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    if deserialize is None:
-        return None
-    parse = deserialize
-
-    def lenient(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except Exception as exc:  # DecodeError and friends: any byte string may arrive
-            return _Malformed(exc)
-
-    return lenient
-
-
-async def _reject_malformed(request: Any, method: str, context: grpc.aio.ServicerContext) -> None:
-    if isinstance(request, _Malformed):
-        name = method.rsplit("/", 1)[-1]
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {name} request message ({request.error})"
-        )
-
-
-def _wrap(handler: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> grpc.RpcMethodHandler:
-    # grpc.aio runs each RPC in its own task (its own context copy): no reset needed.
-    def enter(principal: Principal) -> None:
+    async def _admit(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
+        with span("auth"):
+            principal = await self.auth.admit(method, request, context)
+        # grpc.aio runs each RPC in its own task (its own context copy): no reset needed.
         principal_var.set(principal)
         tenant_var.set(principal.tenant)
-
-    if handler.unary_unary is not None:
-        inner_unary = handler.unary_unary
-
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await _reject_malformed(request, method, context)
-            with span("auth"):
-                principal = await auth.admit(method, request, context)
-            enter(principal)
-            if auth.call_guard is None or method != EMBED:
-                return await inner_unary(request, context)
-            try:
-                return await auth.call_guard.embed(
-                    request,
-                    principal.tenant,
-                    principal.key_prefix,
-                    method,
-                    lambda: inner_unary(request, context),
-                )
-            except DomainError as exc:
-                await abort_with(context, exc)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary, _lenient(handler.request_deserializer), handler.response_serializer
-        )
-    if handler.unary_stream is not None:
-        inner_stream = handler.unary_stream
-
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await _reject_malformed(request, method, context)
-            with span("auth"):
-                principal = await auth.admit(method, request, context)
-            enter(principal)
-            if auth.call_guard is not None and method == GENERATE:
-                guard = auth.call_guard
-                try:
-                    async for item in guard.generate(
-                        request,
-                        principal.tenant,
-                        principal.key_prefix,
-                        method,
-                        lambda: inner_stream(request, context),
-                    ):
-                        yield item
-                except DomainError as exc:
-                    await abort_with(context, exc)
-                return
-            result = inner_stream(request, context)
-            if inspect.isawaitable(result):  # a coroutine handler (e.g. `unimplemented`) aborts
-                await result
-                return
-            async for item in result:
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(
-            stream, _lenient(handler.request_deserializer), handler.response_serializer
-        )
-    return handler  # the public API has no client-streaming methods

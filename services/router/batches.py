@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from prometheus_client import Counter
@@ -38,12 +38,10 @@ from services.router.auth import (
 )
 from services.router.batch_store import BatchStore, JobRow, JobState, PendingItem, StoreUnavailable
 from services.router.config import RouterConfig
+from services.router.core.domain import GenerateCall, ReplyChunk
 from services.router.core.rbac import AccessRole
 from services.router.core.validation import validate_generate
-from services.router.generation import Generation
-
-if TYPE_CHECKING:
-    from services.router.call_guard import CallGuard
+from services.router.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -145,15 +143,15 @@ class BatchService:
         self,
         config: RouterConfig,
         store: BatchStore,
-        generation: Generation,
+        pipeline: Pipeline,
         catalog: Callable[[], Any],
         replica_id: str,
-        guard: CallGuard | None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
-        self.generation = generation
+        # Each item runs through the Generate pipeline: checked and charged like a Generate call.
+        self.pipeline = pipeline
         self.catalog = catalog
         self.replica_id = replica_id
         self.clock = clock
@@ -164,8 +162,6 @@ class BatchService:
             item_attempts=config.batch_item_attempts,
             lease_s=config.batch_lease_s,
         )
-        # Quotas and guardrails, as for a Generate call; None: none are on.
-        self.guard = guard
         self._purged_at = float("-inf")
         self._tables = False
         self._wake = asyncio.Event()
@@ -273,7 +269,7 @@ class BatchService:
                 convert.generate_from_pb(request),
                 self.catalog(),
                 self.config.default_chat_model,
-                self.generation.limits,
+                self.pipeline.limits,
             )
             authorize_model(resolved.model.id)
         except InvalidArgument as exc:
@@ -296,7 +292,8 @@ class BatchService:
         self, request: router_pb2.ListBatchesRequest, tenant: str
     ) -> router_pb2.ListBatchesResponse:
         size = min(request.page_size or 50, 1000)
-        if request.page_token and not request.page_token.isdigit():
+        # isdigit alone takes "²" and other digits int() refuses.
+        if request.page_token and not (request.page_token.isascii() and request.page_token.isdigit()):
             raise InvalidArgument("page_token", "not a token this router gave out")
         offset = int(request.page_token or 0)
         jobs = await self.store.list_jobs(tenant, size + 1, offset)
@@ -392,16 +389,16 @@ class BatchService:
                 lost.set()
                 return
 
-    def _generate(self, request: router_pb2.GenerateRequest) -> AsyncIterator[router_pb2.GenerateResponse]:
-        def run() -> AsyncIterator[router_pb2.GenerateResponse]:
-            tenant = DEFAULT_TENANT if principal is None else principal.tenant
-            return self.generation.stream(request, tenant, self.limits.item_timeout_s)
-
+    def _generate(self, request: router_pb2.GenerateRequest) -> AsyncIterator[ReplyChunk]:
         principal = current_principal()
-        if self.guard is None or principal is None:
-            return run()
-        # Each item is charged to the tenant's quota and checked like a Generate call.
-        return self.guard.generate(request, principal.tenant, principal.key_prefix, GENERATE, run)
+        call = GenerateCall(
+            params=convert.generate_from_pb(request),
+            tenant=DEFAULT_TENANT if principal is None else principal.tenant,
+            key_prefix="" if principal is None else principal.key_prefix,
+            method=GENERATE,
+            time_remaining=self.limits.item_timeout_s,
+        )
+        return self.pipeline.generate(call)
 
     async def _execute(self, batch_id: str, item: PendingItem) -> router_pb2.BatchResult:
         """One item through Generate; overload and unavailability are waited out, up to item_attempts."""
@@ -413,11 +410,12 @@ class BatchService:
         for attempt in range(1, self.limits.item_attempts + 1):
             parts: list[str] = []
             try:
-                async for resp in self._generate(request):
-                    parts.append(resp.text)
-                    if resp.finish_reason:
-                        result.finish_reason = resp.finish_reason
-                        result.usage.CopyFrom(resp.usage)
+                async for chunk in self._generate(request):
+                    parts.append(chunk.text)
+                    if chunk.finish is not None:
+                        result.finish_reason = convert.finish_to_pb(chunk.finish)
+                        if chunk.usage is not None:
+                            result.usage.CopyFrom(convert.usage_to_pb(chunk.usage))
                 result.text = "".join(parts)
                 return result
             except DomainError as exc:

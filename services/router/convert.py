@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from infermesh.common.v1 import common_pb2
 from infermesh.embedder.v1 import embedder_pb2
@@ -18,16 +18,21 @@ from services.router.core.domain import (
     ChatRole,
     ChatTurn,
     Degradation,
+    Delta,
     DeviceSpec,
     EmbedParams,
     EndpointKind,
+    FinishReason,
     GenerateParams,
     HistoryMessage,
     LoadSnapshot,
     ModelKind,
     ModelSpec,
     NewTurn,
+    ReplyChunk,
     Sampling,
+    Usage,
+    WorkerRequest,
 )
 from services.router.core.registry import EndpointView
 
@@ -115,26 +120,42 @@ def load_to_pb(s: LoadSnapshot) -> common_pb2.LoadReport:
 
 
 def generate_from_pb(req: router_pb2.GenerateRequest) -> GenerateParams:
-    s = req.sampling
     return GenerateParams(
         model=req.model,
         messages=tuple(ChatTurn(_ROLE_FROM_PB.get(m.role), m.content) for m in req.messages),
         prompt=req.prompt if req.HasField("prompt") else None,
         session_id=req.session_id if req.HasField("session_id") else None,
-        sampling=Sampling(
-            temperature=s.temperature if s.HasField("temperature") else None,
-            top_k=s.top_k if s.HasField("top_k") else None,
-            top_p=s.top_p if s.HasField("top_p") else None,
-            min_p=s.min_p if s.HasField("min_p") else None,
-            repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
-            seed=s.seed if s.HasField("seed") else None,
-        ),
+        sampling=sampling_from_pb(req.sampling),
         max_tokens=req.max_tokens if req.HasField("max_tokens") else None,
         stop=tuple(req.stop),
         priority=req.priority,
         deadline=timestamp_seconds(req.deadline) if req.HasField("deadline") else None,
         request_id=req.request_id,
+        stop_token_ids=tuple(req.stop_token_ids),
+        allow_fallback=req.allow_fallback,
     )
+
+
+def sampling_from_pb(s: common_pb2.SamplingParams) -> Sampling:
+    return Sampling(
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_k=s.top_k if s.HasField("top_k") else None,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        min_p=s.min_p if s.HasField("min_p") else None,
+        repetition_penalty=s.repetition_penalty if s.HasField("repetition_penalty") else None,
+        seed=s.seed if s.HasField("seed") else None,
+        ignore_eos=s.ignore_eos,
+        logprobs=s.logprobs,
+    )
+
+
+def sampling_to_pb(s: Sampling) -> common_pb2.SamplingParams:
+    out = common_pb2.SamplingParams(ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
+        value = getattr(s, name)
+        if value is not None:
+            setattr(out, name, value)
+    return out
 
 
 def chat_to_pb(turns: Sequence[ChatTurn]) -> list[common_pb2.ChatMessage]:
@@ -142,27 +163,57 @@ def chat_to_pb(turns: Sequence[ChatTurn]) -> list[common_pb2.ChatMessage]:
 
 
 def worker_request_to_pb(
-    req: router_pb2.GenerateRequest,
-    request_id: str,
-    model_id: str,
-    messages: Sequence[ChatTurn],
-    max_tokens: int,
+    request: WorkerRequest, resume_token_ids: Sequence[int] = ()
 ) -> worker_pb2.GenerateRequest:
-    """The worker's request: the caller's sampling and stops, the merged conversation."""
+    """The worker's request, continued after `resume_token_ids` when a stream moves."""
     out = worker_pb2.GenerateRequest(
-        request_id=request_id,
-        model=model_id,
-        max_tokens=max_tokens,
-        stop=req.stop,
-        stop_token_ids=req.stop_token_ids,
-        priority=req.priority,
+        request_id=request.request_id,
+        model=request.model,
+        max_tokens=request.max_tokens,
+        sampling=sampling_to_pb(request.sampling),
+        stop=request.stop,
+        stop_token_ids=request.stop_token_ids,
+        priority=cast(common_pb2.Priority, request.priority),
+        resume_token_ids=resume_token_ids,
     )
-    out.sampling.CopyFrom(req.sampling)
-    if req.HasField("prompt"):
-        out.prompt = req.prompt
+    if request.prompt is not None:
+        out.prompt = request.prompt
     else:
-        out.messages.extend(chat_to_pb(messages))
+        out.messages.extend(chat_to_pb(request.messages))
     return out
+
+
+_FINISH_FROM_PB = {
+    common_pb2.FINISH_REASON_STOP: FinishReason.STOP,
+    common_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    common_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+    common_pb2.FINISH_REASON_DEADLINE: FinishReason.DEADLINE,
+    common_pb2.FINISH_REASON_ERROR: FinishReason.ERROR,
+}
+_FINISH_TO_PB = {reason: value for value, reason in _FINISH_FROM_PB.items()}
+
+
+def finish_to_pb(finish: FinishReason | None) -> common_pb2.FinishReason:
+    return common_pb2.FINISH_REASON_UNSPECIFIED if finish is None else _FINISH_TO_PB[finish]
+
+
+def delta_from_pb(resp: worker_pb2.GenerateResponse) -> Delta:
+    """A worker's message; a finish reason this router does not know reads as ERROR."""
+    finish = None
+    if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+        finish = _FINISH_FROM_PB.get(resp.finish_reason, FinishReason.ERROR)
+    usage = None
+    if resp.HasField("usage"):
+        u = resp.usage
+        usage = Usage(u.prompt_tokens, u.completion_tokens, u.cached_prompt_tokens)
+    return Delta(
+        text=resp.text,
+        token_ids=tuple(resp.token_ids),
+        logprobs=tuple(resp.logprobs),
+        finish=finish,
+        usage=usage,
+        model=resp.model,
+    )
 
 
 def degradation_to_pb(d: Degradation) -> common_pb2.Degradation:
@@ -170,27 +221,29 @@ def degradation_to_pb(d: Degradation) -> common_pb2.Degradation:
     return common_pb2.Degradation(step=step, reason=d.reason)
 
 
-def generate_response_to_pb(
-    resp: worker_pb2.GenerateResponse, request_id: str
-) -> router_pb2.GenerateResponse:
+def reply_chunk_to_pb(chunk: ReplyChunk) -> router_pb2.GenerateResponse:
     out = router_pb2.GenerateResponse(
-        request_id=request_id,
-        text=resp.text,
-        token_ids=resp.token_ids,
-        logprobs=resp.logprobs,
-        finish_reason=resp.finish_reason,
+        request_id=chunk.request_id,
+        text=chunk.text,
+        token_ids=chunk.token_ids,
+        logprobs=chunk.logprobs,
+        finish_reason=finish_to_pb(chunk.finish),
+        model=chunk.model,
+        degraded=[degradation_to_pb(d) for d in chunk.degraded],
+        session_id=chunk.session_id,
+        worker=chunk.worker,
     )
-    if resp.HasField("usage"):
-        out.usage.CopyFrom(resp.usage)
+    if chunk.usage is not None:
+        out.usage.CopyFrom(usage_to_pb(chunk.usage))
     return out
 
 
-def is_final(resp: worker_pb2.GenerateResponse) -> bool:
-    return resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-
-
-def finished_normally(resp: worker_pb2.GenerateResponse) -> bool:
-    return resp.finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+def usage_to_pb(usage: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+    )
 
 
 # --- sessions ----------------------------------------------------------------------------

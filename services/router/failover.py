@@ -13,16 +13,15 @@ import collections
 import functools
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 
-from infermesh.common.v1 import common_pb2
-from infermesh.worker.v1 import worker_pb2
 from services.common.errors import ResourceExhausted, Unavailable
-from services.router.core.domain import Degradation, DegradationStep, EndpointKind
+from services.router import convert
+from services.router.core.domain import Degradation, DegradationStep, Delta, EndpointKind, WorkerRequest
 from services.router.core.placement import Ask
 from services.router.endpoints import EndpointMonitor
 
@@ -74,20 +73,12 @@ def broken(exc: grpc.aio.AioRpcError) -> StreamBroken | None:
     return StreamBroken(exc.code().name.lower(), exc.details() or exc.code().name)
 
 
-def pin_seed(req: worker_pb2.GenerateRequest) -> None:
-    """Give a sampled request without a seed one, so another worker can continue it exactly."""
-    sampling = req.sampling
-    if sampling.HasField("temperature") and sampling.temperature > 0 and not sampling.HasField("seed"):
-        sampling.seed = random.getrandbits(63)
-
-
-def resume_request(req: worker_pb2.GenerateRequest, delivered: Sequence[int]) -> worker_pb2.GenerateRequest:
-    """`req` continued after the tokens already delivered (they count toward max_tokens)."""
-    out = worker_pb2.GenerateRequest()
-    out.CopyFrom(req)
-    del out.resume_token_ids[:]
-    out.resume_token_ids.extend(delivered)
-    return out
+def pin_seed(request: WorkerRequest) -> WorkerRequest:
+    """A sampled request without a seed given one, so another worker can continue it exactly."""
+    sampling = request.sampling
+    if sampling.temperature and sampling.seed is None:
+        return replace(request, sampling=replace(sampling, seed=random.getrandbits(63)))
+    return request
 
 
 class WatchedStream:
@@ -163,10 +154,10 @@ class WatchedStream:
 
 @dataclass(frozen=True)
 class Relayed:
-    """One worker message on its way to the client, with where it came from."""
+    """One piece of a reply on its way to the client, with where it came from."""
 
-    resp: Any  # worker_pb2.GenerateResponse
-    address: str
+    delta: Delta
+    address: str  # "" when no worker produced it (the reply cache)
     # Set on the first message from a worker that took over a broken stream.
     moved: Degradation | None = None
 
@@ -202,14 +193,14 @@ class Failover:
 
     async def stream(
         self,
-        req: worker_pb2.GenerateRequest,
-        model_id: str,
+        request: WorkerRequest,
         ask: Ask,
         remaining: Callable[[], float | None],
     ) -> AsyncIterator[Relayed]:
         registry = self.endpoints.registry
         clock = self.endpoints.clock
-        pin_seed(req)
+        model_id = request.model
+        request = pin_seed(request)
         delivered: list[int] = []
         failed: list[str] = []
         moved: Degradation | None = None
@@ -227,7 +218,7 @@ class Failover:
                     f"the request: {exc.message}"
                 ) from None
             address = placement.address
-            attempt = resume_request(req, delivered) if delivered else req
+            attempt = convert.worker_request_to_pb(request, delivered)
             call = self.endpoints.stub(address).Generate(attempt, timeout=remaining())
             stream = WatchedStream(
                 call,
@@ -238,10 +229,11 @@ class Failover:
             )
             try:
                 while (resp := await stream.read()) is not grpc.aio.EOF:
-                    delivered.extend(resp.token_ids)
-                    yield Relayed(resp, address, moved)
+                    delta = convert.delta_from_pb(resp)
+                    delivered.extend(delta.token_ids)
+                    yield Relayed(delta, address, moved)
                     moved = None
-                    if resp.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    if delta.finish is not None:
                         registry.on_success(address)
                         return
                 raise StreamBroken("ended_early", "the stream ended without a finish reason")

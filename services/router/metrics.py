@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import grpc
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from infermesh.common.v1 import common_pb2
-from infermesh.router.v1 import router_pb2
-from services.common.errors import DomainError
 from services.common.metrics import LATENCY_BUCKETS, rpc_started_var
+from services.router.core.domain import ReplyChunk, Usage
 from services.router.core.queues import Priority, effective_priority
 
 logger = logging.getLogger(__name__)
@@ -83,66 +80,66 @@ def priority_label(priority: Priority | int) -> str:
     return Priority(priority).name.lower()
 
 
-def _step_label(step: int) -> str:
-    name: str = common_pb2.DegradationStep.Name(step)
-    return name.removeprefix("DEGRADATION_STEP_").lower()
+class GenerateObservation:
+    """What the caller of one Generate experienced, recorded as its reply goes out: TTFT,
+    TPOT, latency, tokens, degradations and refusals. The priority label is the class the
+    request asked for; the model label is the one that answered, once known."""
 
+    def __init__(
+        self, tenant: str, model: str, priority: int, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
+        self.clock = clock
+        # From the moment the call reached the server: auth, quota and guardrails count too.
+        self.started = rpc_started_var.get() or clock()
+        self.tenant = tenant
+        self.model = model or "default"
+        self.priority = priority_label(effective_priority(priority))
+        self.first: float | None = None
+        self.outcome = "cancelled"  # until it finishes or fails
+        self.usage: Usage | None = None
 
-async def observe_generate(
-    request: router_pb2.GenerateRequest,
-    tenant: str,
-    stream: AsyncIterator[router_pb2.GenerateResponse],
-    clock: Callable[[], float] = time.perf_counter,
-) -> AsyncIterator[router_pb2.GenerateResponse]:
-    """Relay `stream`, recording what the caller experienced: TTFT, TPOT, latency, tokens,
-    degradations and refusals. The priority label is the class the request asked for."""
-    # From the moment the call reached the server: auth, quota and guardrails count too.
-    started = rpc_started_var.get() or clock()
-    priority = priority_label(effective_priority(request.priority))
-    model = request.model or "default"
-    first: float | None = None
-    outcome = "cancelled"
-    usage: dict[str, int] = {}
-    try:
-        async for response in stream:
-            if response.model:
-                model = response.model
-            for note in response.degraded:
-                DEGRADED.labels(_step_label(note.step)).inc()
-            if first is None and (response.text or response.finish_reason):
-                first = clock()
-                TTFT.labels(model, priority).observe(first - started)
-            if response.finish_reason:
-                outcome = common_pb2.FinishReason.Name(response.finish_reason)
-                outcome = outcome.removeprefix("FINISH_REASON_").lower()
-                _count_tokens(tenant, model, priority, response.usage, first, clock())
-                usage = {
-                    "prompt_tokens": response.usage.prompt_tokens,
-                    "completion_tokens": response.usage.completion_tokens,
-                }
-            yield response
-    except (DomainError, grpc.aio.AioRpcError) as exc:
-        code = exc.code if isinstance(exc, DomainError) else exc.code()
-        outcome = code.name.lower()
-        REFUSED.labels(outcome).inc()
-        raise
-    finally:
-        elapsed = clock() - started
-        REQUEST_DURATION.labels(model, priority, outcome).observe(elapsed)
+    def sent(self, chunk: ReplyChunk) -> None:
+        if chunk.model:
+            self.model = chunk.model
+        for note in chunk.degraded:
+            DEGRADED.labels(note.step.value).inc()
+        if self.first is None and (chunk.text or chunk.finish is not None):
+            self.first = self.clock()
+            TTFT.labels(self.model, self.priority).observe(self.first - self.started)
+        first = self.first
+        if chunk.finish is not None:
+            self.outcome = chunk.finish.value
+            self.usage = chunk.usage or Usage()
+            TOKENS.labels(self.tenant, self.model, "in").inc(self.usage.prompt_tokens)
+            TOKENS.labels(self.tenant, self.model, "out").inc(self.usage.completion_tokens)
+            if first is not None and self.usage.completion_tokens > 1:
+                gap = (self.clock() - first) / (self.usage.completion_tokens - 1)
+                TPOT.labels(self.model, self.priority).observe(gap)
+
+    def failed(self, status: str) -> None:
+        """The call ended with an error status (its name) before finishing."""
+        self.outcome = status.lower()
+        REFUSED.labels(self.outcome).inc()
+
+    def close(self) -> None:
+        elapsed = self.clock() - self.started
+        REQUEST_DURATION.labels(self.model, self.priority, self.outcome).observe(elapsed)
+        usage = {}
+        if self.usage is not None:
+            usage = {
+                "prompt_tokens": self.usage.prompt_tokens,
+                "completion_tokens": self.usage.completion_tokens,
+            }
         logger.info(
             "generate finished",
-            extra={"model": model, "priority": priority, "outcome": outcome, "duration_s": round(elapsed, 4)}
+            extra={
+                "model": self.model,
+                "priority": self.priority,
+                "outcome": self.outcome,
+                "duration_s": round(elapsed, 4),
+            }
             | usage,
         )
-
-
-def _count_tokens(
-    tenant: str, model: str, priority: str, usage: Any, first: float | None, now: float
-) -> None:
-    TOKENS.labels(tenant, model, "in").inc(usage.prompt_tokens)
-    TOKENS.labels(tenant, model, "out").inc(usage.completion_tokens)
-    if first is not None and usage.completion_tokens > 1:
-        TPOT.labels(model, priority).observe((now - first) / (usage.completion_tokens - 1))
 
 
 class RouterCollector:

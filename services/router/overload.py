@@ -9,19 +9,16 @@ of deterministic requests for the cached-reply rung.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from infermesh.common.v1 import common_pb2
-from infermesh.worker.v1 import worker_pb2
 from services.common.errors import ResourceExhausted
-from services.router.core.domain import Degradation, ModelSpec
+from services.router.core.domain import Degradation, Delta, ModelSpec, Usage, WorkerRequest
 from services.router.core.ladder import Ladder, LadderConfig, Load, RequestFacts, fallback_model
 from services.router.core.queues import Priority
-from services.router.core.reply_cache import CachedReply, ReplyCache
+from services.router.core.reply_cache import CachedReply, ReplyCache, reply_key
 from services.router.failover import Relayed
 
 logger = logging.getLogger(__name__)
@@ -40,23 +37,8 @@ class Plan:
     cache_key: str | None = None  # where its reply is kept (deterministic requests only)
 
 
-def deterministic(sampling: common_pb2.SamplingParams) -> bool:
-    """Greedy (temperature unset or 0) or seeded: the same request gives the same tokens."""
-    if sampling.HasField("seed"):
-        return True
-    return not sampling.HasField("temperature") or sampling.temperature == 0
-
-
-def reply_key(req: worker_pb2.GenerateRequest, model: str, max_tokens: int) -> str:
-    """Digest of everything that decides the reply (not the request id or priority)."""
-    keyed = worker_pb2.GenerateRequest()
-    keyed.CopyFrom(req)
-    keyed.request_id = ""
-    keyed.priority = common_pb2.PRIORITY_UNSPECIFIED
-    keyed.model = model
-    keyed.max_tokens = max_tokens
-    del keyed.resume_token_ids[:]
-    return hashlib.sha256(keyed.SerializeToString(deterministic=True)).hexdigest()
+def _key(request: WorkerRequest, model: str, max_tokens: int) -> str:
+    return reply_key(replace(request, model=model, max_tokens=max_tokens))
 
 
 class Overload:
@@ -81,7 +63,7 @@ class Overload:
 
     async def plan(
         self,
-        req: worker_pb2.GenerateRequest,
+        request: WorkerRequest,
         model: ModelSpec,
         catalog: Sequence[ModelSpec],
         priority: Priority,
@@ -90,14 +72,14 @@ class Overload:
         prompt_tokens: int,
         remaining: Callable[[], float | None],
     ) -> Plan:
-        """The ladder's verdict for `req`: RESOURCE_EXHAUSTED with pushback when refused,
+        """The ladder's verdict for `request`: RESOURCE_EXHAUSTED with pushback when refused,
         held (asleep) while BATCH is held back."""
-        repeatable = deterministic(req.sampling)
-        max_tokens = req.max_tokens
+        repeatable = request.sampling.deterministic
+        max_tokens = request.max_tokens
         capped = min(max_tokens, self.config.capped_max_tokens)
-        keys = [reply_key(req, model.id, max_tokens)] if repeatable else []
+        keys = [_key(request, model.id, max_tokens)] if repeatable else []
         if repeatable and capped != max_tokens and priority >= Priority.STANDARD:
-            keys.append(reply_key(req, model.id, capped))
+            keys.append(_key(request, model.id, capped))
         facts = RequestFacts(
             priority=priority,
             max_tokens=max_tokens,
@@ -146,35 +128,28 @@ class Overload:
             if cached is not None:
                 return Plan(cached.model, max_tokens, decision.steps, cached=cached)
         chosen = decision.model or model.id
-        key = reply_key(req, chosen, decision.max_tokens) if repeatable else None
+        key = _key(request, chosen, decision.max_tokens) if repeatable else None
         return Plan(chosen, decision.max_tokens, decision.steps, cache_key=key)
 
     def remember(self, key: str, reply: CachedReply) -> None:
         self.cache.put(key, reply)
 
 
-def cached_reply(
-    final: worker_pb2.GenerateResponse, model: str, texts: Sequence[str], token_ids: Sequence[int]
-) -> CachedReply:
-    """What to keep of a reply that finished normally (`final` is its last message)."""
+def cached_reply(last: Delta, model: str, texts: Sequence[str], token_ids: Sequence[int]) -> CachedReply:
+    """What to keep of a reply that finished normally (`last` is its last piece)."""
+    assert last.finish is not None
+    usage = last.usage or Usage()
     return CachedReply(
         model=model,
         text="".join(texts),
         token_ids=tuple(token_ids),
-        finish_reason=final.finish_reason,
-        prompt_tokens=final.usage.prompt_tokens,
-        completion_tokens=final.usage.completion_tokens,
+        finish=last.finish,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
     )
 
 
 async def cached_stream(reply: CachedReply) -> AsyncIterator[Relayed]:
-    """A kept reply as the one-message stream a worker would have sent."""
-    resp = worker_pb2.GenerateResponse(
-        text=reply.text,
-        token_ids=reply.token_ids,
-        finish_reason=common_pb2.FinishReason.ValueType(reply.finish_reason),
-        model=reply.model,
-    )
-    resp.usage.prompt_tokens = reply.prompt_tokens
-    resp.usage.completion_tokens = reply.completion_tokens
-    yield Relayed(resp, "")
+    """A kept reply as a one-piece stream, as if a worker had sent it all at once."""
+    usage = Usage(reply.prompt_tokens, reply.completion_tokens)
+    yield Relayed(Delta(reply.text, reply.token_ids, (), reply.finish, usage, reply.model), "")

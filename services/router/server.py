@@ -87,19 +87,12 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         pii_input=config.guard_pii_input,
         pii_output=config.guard_pii_output,
     )
-    guard = CallGuard(
-        guardrails,
-        quotas,
-        sink,
-        default_max_tokens=config.default_max_tokens,
-        max_tokens_limit=config.max_tokens_limit,
-    )
+    guard = CallGuard(guardrails, quotas, sink)
     auth = Authenticator(
         resolver,
         sink,
         enabled=config.auth_enabled,
         anonymous=Principal(DEFAULT_TENANT, roles["admin"]),
-        guard=guard,
     )
     if config.auth_enabled:
         logger.info("authentication on: every public RPC needs an API key")
@@ -110,13 +103,12 @@ async def create_server(config: RouterConfig) -> GrpcServer:
             DEFAULT_TENANT,
         )
     router_id = config.router_id or f"router-{uuid.uuid4().hex[:8]}"
-    inference = InferenceServicer(config, endpoints, sessions, router_id, guardrails, auth.call_guard)
+    inference = InferenceServicer(config, endpoints, sessions, router_id, guard)
 
     def register(server: grpc.aio.Server) -> None:
-        guarded = auth.guard(server)
-        router_pb2_grpc.add_InferenceServicer_to_server(inference, guarded)
+        router_pb2_grpc.add_InferenceServicer_to_server(inference, server)
         admin = AdminServicer(governance, roles, resolver, config.downstream_timeout_s, endpoints)
-        router_pb2_grpc.add_AdminServicer_to_server(admin, guarded)
+        router_pb2_grpc.add_AdminServicer_to_server(admin, server)
 
     async def on_stop() -> None:
         await inference.batches.stop()
@@ -135,7 +127,8 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         on_stop=on_stop,
         metrics_port=config.metrics_port,
         tls=tls,
-        collectors=[RouterCollector(inference.generation.admission, endpoints)],
+        collectors=[RouterCollector(inference.pipeline.admission, endpoints)],
+        interceptors=[auth.interceptor()],
     )
     await endpoints.start()
     discovery = Discovery(

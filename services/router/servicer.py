@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -13,19 +13,18 @@ from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from services.common.errors import DomainError, FailedPrecondition, InvalidArgument
 from services.common.logs import request_id_var
 from services.common.status import grpc_errors
-from services.router import convert, metrics
-from services.router.auth import authorize_model
+from services.router import convert
+from services.router.auth import EMBED, GENERATE, authorize_model, current_principal
 from services.router.batch_store import BatchStore, create_store_engine
 from services.router.batches import BatchService
 from services.router.call_guard import CallGuard
 from services.router.config import RouterConfig
-from services.router.core.domain import EndpointKind, ModelKind
-from services.router.core.guardrails.policy import GuardrailConfig
+from services.router.core.domain import EndpointKind, GenerateCall, ModelKind
 from services.router.core.queues import Priority
 from services.router.core.registry import EndpointView
 from services.router.core.validation import resolve_model, validate_embed
 from services.router.endpoints import EndpointMonitor, Placement
-from services.router.generation import NO_SESSION_SERVICE, Generation
+from services.router.pipeline import NO_SESSION_SERVICE, Pipeline
 from services.router.sessions import SessionClient
 from services.router.tenancy import tenant_of
 
@@ -39,29 +38,49 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
         endpoints: EndpointMonitor,
         sessions: SessionClient | None,
         router_id: str,
-        guardrails: GuardrailConfig,
-        call_guard: CallGuard | None,
+        call_guard: CallGuard,
     ) -> None:
         self.config = config
         self.endpoints = endpoints
         self.sessions = sessions
         self.router_id = router_id
-        self.generation = Generation(config, endpoints, sessions, guardrails)
+        self.guard = call_guard
+        self.pipeline = Pipeline(config, endpoints, sessions, call_guard)
         store = BatchStore(create_store_engine(config.batch_store_url))
-        self.batches = BatchService(
-            config, store, self.generation, endpoints.registry.catalog, router_id, call_guard
-        )
+        self.batches = BatchService(config, store, self.pipeline, endpoints.registry.catalog, router_id)
 
     @grpc_errors
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        stream = self.generation.stream(request, tenant_of(context), context.time_remaining())
-        async for response in metrics.observe_generate(request, tenant_of(context), stream):
-            yield response
+        principal = current_principal()
+        call = GenerateCall(
+            params=convert.generate_from_pb(request),
+            tenant=tenant_of(context),
+            key_prefix="" if principal is None else principal.key_prefix,
+            method=GENERATE,
+            time_remaining=context.time_remaining(),
+        )
+        async for chunk in self.pipeline.generate(call):
+            yield convert.reply_chunk_to_pb(chunk)
 
     @grpc_errors
     async def Embed(
+        self, request: router_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.EmbedResponse:
+        principal = current_principal()
+        if not self.guard.active:
+            return await self._embed(request, context)
+        # Input size and the tenant's quota, as for Generate.
+        return await self.guard.embed(
+            request,
+            tenant_of(context),
+            "" if principal is None else principal.key_prefix,
+            EMBED,
+            lambda: self._embed(request, context),
+        )
+
+    async def _embed(
         self, request: router_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.EmbedResponse:
         params = convert.embed_from_pb(request)
@@ -214,8 +233,11 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
                 EndpointView(self.sessions.address, EndpointKind.SESSION, healthy, detail, None, None, ())
             )
         status = convert.cluster_status_to_pb(self.router_id, views)
-        queue = self.generation.admission.queue
-        status.queues.extend(router_pb2.QueueDepth(priority=int(p), depth=queue.depth(p)) for p in Priority)
+        queue = self.pipeline.admission.queue
+        status.queues.extend(
+            router_pb2.QueueDepth(priority=cast(common_pb2.Priority, int(p)), depth=queue.depth(p))
+            for p in Priority
+        )
         return status
 
 

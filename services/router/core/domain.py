@@ -109,6 +109,13 @@ class Sampling:
     min_p: float | None = None
     repetition_penalty: float | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks)
+    logprobs: bool = False  # return each chosen token's log-probability
+
+    @property
+    def deterministic(self) -> bool:
+        """Greedy (temperature unset or 0) or seeded: the same request gives the same tokens."""
+        return self.seed is not None or not self.temperature
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,66 @@ class GenerateParams:
     priority: int = 0
     deadline: float | None = None  # unix seconds
     request_id: str = ""
+    stop_token_ids: tuple[int, ...] = ()
+    allow_fallback: bool = False  # may be answered by a smaller model under overload
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One Generate as the pipeline takes it: the request and who asked, by which method."""
+
+    params: GenerateParams
+    tenant: str
+    key_prefix: str = ""  # of the caller's API key ("" when authentication is off)
+    method: str = ""  # the RPC it came in by (audit records)
+    time_remaining: float | None = None  # the gRPC deadline; None: none
+
+
+@dataclass(frozen=True)
+class WorkerRequest:
+    """What a worker is asked to generate: the conversation with its history merged in."""
+
+    request_id: str
+    model: str
+    max_tokens: int
+    messages: tuple[ChatTurn, ...] = ()
+    prompt: str | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    priority: int = 0
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # end-of-sequence token, stop token or stop string
+    LENGTH = "length"  # max_tokens or the model's context reached
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    ERROR = "error"
+
+    @property
+    def normal(self) -> bool:
+        """The reply is complete: it can be recorded and kept."""
+        return self in (FinishReason.STOP, FinishReason.LENGTH)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One piece of a reply as its source (a worker, the reply cache) produced it."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    finish: FinishReason | None = None  # set on the last piece only
+    usage: Usage | None = None  # on the last piece
+    model: str = ""  # the model that produced it, where the source says
 
 
 @dataclass(frozen=True)
@@ -146,3 +213,20 @@ class DegradationStep(enum.Enum):
 class Degradation:
     step: DegradationStep
     reason: str
+
+
+@dataclass(frozen=True)
+class ReplyChunk:
+    """One message of a Generate reply as the client receives it."""
+
+    request_id: str
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    finish: FinishReason | None = None
+    usage: Usage | None = None
+    model: str = ""  # on the first message
+    session_id: str = ""  # on the first message
+    worker: str = ""  # on the first message from each worker that served it
+    # What applied, on the message where it became known (the ladder's steps on the first).
+    degraded: tuple[Degradation, ...] = ()

@@ -1,14 +1,24 @@
 """Replies of deterministic requests (greedy, or seeded), kept so that under overload an
 exact repeat is answered without a worker: the same request would produce the same tokens.
 
-Pure: keys are computed by the caller (a digest of the full worker request); entries are
-evicted least recently used first.
+Pure: a key is a digest of the worker request less what does not decide the reply (its id,
+its priority); entries are evicted least recently used first.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from services.router.core.domain import FinishReason, WorkerRequest
+
+
+def reply_key(request: WorkerRequest) -> str:
+    """Digest of everything that decides the reply. The request is a frozen value of plain
+    fields (strings, numbers, enums, tuples), so its repr is a stable serialisation."""
+    keyed = replace(request, request_id="", priority=0)
+    return hashlib.sha256(repr(keyed).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -16,7 +26,7 @@ class CachedReply:
     model: str
     text: str
     token_ids: tuple[int, ...]
-    finish_reason: int  # common.v1.FinishReason value
+    finish: FinishReason
     prompt_tokens: int
     completion_tokens: int
 

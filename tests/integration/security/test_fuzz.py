@@ -82,7 +82,10 @@ class Fuzzed:
 
 
 def _malformed(code: grpc.StatusCode, details: str) -> bool:
-    return code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith("request: not a valid")
+    # The field with bad UTF-8 named, or the message that did not parse (services.common.malformed).
+    return code is grpc.StatusCode.INVALID_ARGUMENT and (
+        "is not valid UTF-8" in details or details.startswith("request: could not be parsed as")
+    )
 
 
 @pytest_asyncio.fixture(loop_scope="session", scope="module")

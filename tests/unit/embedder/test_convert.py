@@ -1,64 +1,18 @@
-"""Protobuf conversion, and naming the field of a request that is not valid UTF-8."""
+"""Protobuf conversion at the embedder's edge."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from infermesh.common.v1 import common_pb2
 from infermesh.embedder.v1 import embedder_pb2
 from services.common.device import DeviceStats
-from services.common.errors import InvalidArgument
 from services.common.model_card import ModelCard
 from services.embedder import convert
-from services.embedder.convert import Undecodable
 from services.embedder.domain import EmbeddedItem, EmbedResult, LoadSnapshot
 
 MODEL = ModelCard("m", "embedding", 256, "bert", "small", "pkg", embedding_dim=3)
 DEVICE = DeviceStats("cuda", "gpu", 1000, 100, "float16")
-
-
-def with_bad_utf8(request: embedder_pb2.EmbedRequest, marker: str) -> bytes:
-    """Serialise, then swap an ASCII marker (same length) for invalid UTF-8 bytes."""
-    data = request.SerializeToString()
-    assert data.count(marker.encode()) == 1
-    return data.replace(marker.encode(), b"\xff" * len(marker))
-
-
-@pytest.mark.parametrize(
-    ("request_pb", "marker", "field"),
-    [
-        (embedder_pb2.EmbedRequest(inputs=["ok", "BAD!", "fine"]), "BAD!", "inputs[1]"),
-        (embedder_pb2.EmbedRequest(inputs=["BAD!"]), "BAD!", "inputs[0]"),
-        (embedder_pb2.EmbedRequest(model="BAD!", inputs=["x"], normalize=False), "BAD!", "model"),
-        (embedder_pb2.EmbedRequest(request_id="BAD!", inputs=["x"]), "BAD!", "request_id"),
-    ],
-)
-def test_lenient_deserializer_names_the_field_with_bad_utf8(
-    request_pb: embedder_pb2.EmbedRequest, marker: str, field: str
-) -> None:
-    parsed = convert.lenient(embedder_pb2.EmbedRequest)(with_bad_utf8(request_pb, marker))
-    assert parsed == Undecodable("infermesh.embedder.v1.EmbedRequest", field)
-    with pytest.raises(InvalidArgument) as info:
-        convert.embed_query_from_pb(parsed)
-    assert info.value.field == field
-    assert "UTF-8" in info.value.message
-
-
-def test_broken_wire_format_names_the_request() -> None:
-    parsed = convert.lenient(embedder_pb2.EmbedRequest)(b"\x1a\x05ab")  # length says 5, 2 bytes follow
-    assert isinstance(parsed, Undecodable) and parsed.field is None
-    with pytest.raises(InvalidArgument) as info:
-        convert.parsed(parsed)
-    assert info.value.message == "request: could not be parsed as infermesh.embedder.v1.EmbedRequest"
-
-
-def test_valid_bytes_parse_normally() -> None:
-    request = embedder_pb2.EmbedRequest(inputs=["héllo", "世界"])
-    assert convert.lenient(embedder_pb2.EmbedRequest)(request.SerializeToString()) == request
-    assert (
-        convert.invalid_utf8_field(embedder_pb2.EmbedRequest.DESCRIPTOR, request.SerializeToString()) is None
-    )
 
 
 def test_query_defaults_normalize_and_truncate_to_true_when_unset() -> None:

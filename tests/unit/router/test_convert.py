@@ -4,8 +4,19 @@ from __future__ import annotations
 
 from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2
+from infermesh.worker.v1 import worker_pb2
 from services.router import convert
-from services.router.core.domain import ChatRole, ChatTurn, Degradation, DegradationStep, ModelKind
+from services.router.core.domain import (
+    ChatRole,
+    ChatTurn,
+    Degradation,
+    DegradationStep,
+    FinishReason,
+    ModelKind,
+    ReplyChunk,
+    Usage,
+    WorkerRequest,
+)
 
 
 def test_generate_from_pb_keeps_presence() -> None:
@@ -34,10 +45,21 @@ def test_worker_request_carries_merged_messages_and_caller_settings() -> None:
         stop=["x"],
         stop_token_ids=[7],
         priority=common_pb2.PRIORITY_BATCH,
-        sampling=common_pb2.SamplingParams(top_p=0.5, logprobs=True),
+        sampling=common_pb2.SamplingParams(top_p=0.5, logprobs=True, ignore_eos=True),
     )
-    merged = [ChatTurn(ChatRole.SYSTEM, "s"), ChatTurn(ChatRole.USER, "u")]
-    out = convert.worker_request_to_pb(req, "rid", "m", merged, 9)
+    params = convert.generate_from_pb(req)
+    merged = (ChatTurn(ChatRole.SYSTEM, "s"), ChatTurn(ChatRole.USER, "u"))
+    request = WorkerRequest(
+        "rid",
+        "m",
+        9,
+        messages=merged,
+        sampling=params.sampling,
+        stop=params.stop,
+        stop_token_ids=params.stop_token_ids,
+        priority=params.priority,
+    )
+    out = convert.worker_request_to_pb(request, [4, 5])
     assert (out.request_id, out.model, out.max_tokens) == ("rid", "m", 9)
     assert [(m.role, m.content) for m in out.messages] == [
         (common_pb2.ROLE_SYSTEM, "s"),
@@ -45,8 +67,48 @@ def test_worker_request_carries_merged_messages_and_caller_settings() -> None:
     ]
     assert list(out.stop) == ["x"] and list(out.stop_token_ids) == [7]
     assert out.priority == common_pb2.PRIORITY_BATCH
-    assert out.sampling.top_p == 0.5 and out.sampling.logprobs and not out.sampling.HasField("temperature")
+    assert out.sampling.top_p == 0.5 and out.sampling.logprobs and out.sampling.ignore_eos
+    assert not out.sampling.HasField("temperature") and not out.sampling.HasField("seed")
     assert not out.HasField("prompt")
+    assert list(out.resume_token_ids) == [4, 5]
+
+
+def test_a_worker_message_reaches_the_client_with_what_the_router_adds() -> None:
+    resp = worker_pb2.GenerateResponse(
+        text="hi",
+        token_ids=[1, 2],
+        logprobs=[-0.5, -0.25],
+        finish_reason=common_pb2.FINISH_REASON_LENGTH,
+        model="m",
+        usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=2, cached_prompt_tokens=1),
+    )
+    delta = convert.delta_from_pb(resp)
+    assert delta.finish is FinishReason.LENGTH and delta.usage == Usage(3, 2, 1)
+    assert convert.delta_from_pb(worker_pb2.GenerateResponse(text="a")).finish is None
+    chunk = ReplyChunk(
+        "rid",
+        delta.text,
+        delta.token_ids,
+        delta.logprobs,
+        delta.finish,
+        delta.usage,
+        model="m",
+        session_id="s",
+        worker="w:1",
+        degraded=(Degradation(DegradationStep.FAILOVER, "moved"),),
+    )
+    out = convert.reply_chunk_to_pb(chunk)
+    assert (out.request_id, out.text, list(out.token_ids), list(out.logprobs)) == (
+        "rid",
+        "hi",
+        [1, 2],
+        [-0.5, -0.25],
+    )
+    assert out.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.cached_prompt_tokens) == (3, 2, 1)
+    assert (out.model, out.session_id, out.worker) == ("m", "s", "w:1")
+    assert [d.step for d in out.degraded] == [common_pb2.DEGRADATION_STEP_FAILOVER]
+    assert not convert.reply_chunk_to_pb(ReplyChunk("rid", "x")).HasField("usage")
 
 
 def test_load_report_round_trips() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -15,7 +15,7 @@ import pytest
 from infermesh.common.v1 import common_pb2
 from infermesh.worker.v1 import worker_pb2
 from services.common.errors import ResourceExhausted, Unavailable
-from services.router.core.domain import DegradationStep
+from services.router.core.domain import DegradationStep, Sampling, WorkerRequest
 from services.router.core.placement import Ask
 from services.router.failover import Failover, pin_seed
 
@@ -139,15 +139,13 @@ class FakeEndpoints:
         return Stub()
 
 
-def sampled_request(max_tokens: int = 5) -> worker_pb2.GenerateRequest:
-    req = worker_pb2.GenerateRequest(request_id="r1", model="m", max_tokens=max_tokens, prompt="hi")
-    req.sampling.temperature = 0.8
-    return req
+def sampled_request(max_tokens: int = 5) -> WorkerRequest:
+    return WorkerRequest("r1", "m", max_tokens, prompt="hi", sampling=Sampling(temperature=0.8))
 
 
-async def relay(endpoints: FakeEndpoints, req: worker_pb2.GenerateRequest, **kwargs: Any) -> list[Any]:
+async def relay(endpoints: FakeEndpoints, req: WorkerRequest, **kwargs: Any) -> list[Any]:
     failover = Failover(endpoints, stall_timeout_s=kwargs.pop("stall_timeout_s", 5.0), attempts=3)  # type: ignore[arg-type]
-    return [r async for r in failover.stream(req, "m", Ask(), lambda: None)]
+    return [r async for r in failover.stream(req, Ask(), lambda: None)]
 
 
 async def test_a_broken_stream_resumes_elsewhere_from_the_delivered_tokens_with_the_same_seed() -> None:
@@ -159,7 +157,7 @@ async def test_a_broken_stream_resumes_elsewhere_from_the_delivered_tokens_with_
     )
     relayed = await relay(endpoints, sampled_request())
 
-    assert [list(r.resp.token_ids) for r in relayed] == [[1], [2], [3], [4], [5]]
+    assert [list(r.delta.token_ids) for r in relayed] == [[1], [2], [3], [4], [5]]
     assert [r.address for r in relayed] == ["a", "a", "a", "b", "b"]
     (_, first), (_, resumed) = endpoints.sent
     assert list(resumed.resume_token_ids) == [1, 2, 3]
@@ -175,7 +173,7 @@ async def test_a_stalled_stream_moves_when_another_worker_can_take_it() -> None:
     endpoints = FakeEndpoints({"a": [Script([token(1), HANG])], "b": [Script([last(2)])]})
     relayed = await asyncio.wait_for(relay(endpoints, sampled_request(), stall_timeout_s=0.2), 10)
 
-    assert [list(r.resp.token_ids) for r in relayed] == [[1], [2]]
+    assert [list(r.delta.token_ids) for r in relayed] == [[1], [2]]
     assert relayed[1].moved is not None and "stalled" in relayed[1].moved.reason
     assert list(endpoints.sent[1][1].resume_token_ids) == [1]
     assert endpoints.calls[0].cancelled
@@ -189,7 +187,7 @@ async def test_a_slow_worker_is_kept_when_no_other_could_continue() -> None:
     assert not task.done()
     script.go.set()
     relayed = await asyncio.wait_for(task, 10)
-    assert [list(r.resp.token_ids) for r in relayed] == [[1], [2]]
+    assert [list(r.delta.token_ids) for r in relayed] == [[1], [2]]
     assert len(endpoints.sent) == 1
 
 
@@ -217,13 +215,8 @@ async def test_the_workers_own_verdict_is_not_failed_over() -> None:
 
 
 def test_only_sampled_requests_without_a_seed_get_one() -> None:
-    greedy = worker_pb2.GenerateRequest()
-    pin_seed(greedy)
-    assert not greedy.sampling.HasField("seed")
-    seeded = sampled_request()
-    seeded.sampling.seed = 7
-    pin_seed(seeded)
-    assert seeded.sampling.seed == 7
-    sampled = sampled_request()
-    pin_seed(sampled)
-    assert sampled.sampling.HasField("seed")
+    greedy = WorkerRequest("r1", "m", 5, prompt="hi")
+    assert pin_seed(greedy).sampling.seed is None
+    seeded = replace(sampled_request(), sampling=Sampling(temperature=0.8, seed=7))
+    assert pin_seed(seeded).sampling.seed == 7
+    assert pin_seed(sampled_request()).sampling.seed is not None

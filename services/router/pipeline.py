@@ -1,26 +1,46 @@
-"""The Generate flow: validate, prepend session history, place on a worker, relay the
-stream as it comes, and record the turn when the stream finishes normally (or, marked
-incomplete, with what was delivered when the caller cancels)."""
+"""Generate, top to bottom. `Pipeline.generate` takes each call through these steps, in
+this order; each is one call below, and this is the only place that orders them.
+
+ 1. validate      fields and limits (INVALID_ARGUMENT naming the field); the model resolved
+                  (`auto` included) and authorized for the caller; the time budget set
+ 2. guard input   size, prompt injection, input PII redaction (`call_guard`)
+ 3. reserve       the tenant's token quota: the prompt, roughly, and all of max_tokens
+ 4. history       the session window merged in front (store unreachable: answered without it)
+ 5. plan          the degradation ladder's verdict under the current load: as asked, capped,
+                  a fallback model, a kept reply, held back (BATCH) or refused (`overload`)
+ 6. admit         a slot in this router's priority queue (`admission`)
+ 7. relay         from a worker, moved token-exact to another one on a break or stall
+                  (`failover`), or from the reply cache
+ 8. guard output  PII redaction of what the client is sent
+ 9. record        the turn appended to the session as the client saw it, before the last
+                  message goes out (cancelled: what was delivered, marked incomplete)
+10. settle        the quota charged with the reported usage (cut short: all it reserved)
+
+Every message the client gets, and how the call ended, is observed for the metrics. The
+pipeline works on plain values (`core.domain`); protobuf stays in the servicer, `convert`
+and the worker edge of `failover`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field, replace
 
 import grpc
 
-from infermesh.router.v1 import router_pb2
-from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.errors import DomainError, FailedPrecondition, InvalidArgument, Unavailable
 from services.common.logs import request_id_var
 from services.common.telemetry import span
-from services.router import convert
 from services.router.admission import Admission, Capacity
 from services.router.auth import authorize_model
+from services.router.call_guard import CallGuard, used_tokens
 from services.router.config import RouterConfig
 from services.router.core.catalog import AUTO, TIERS, auto_quality, pick_auto
 from services.router.core.domain import (
@@ -28,9 +48,13 @@ from services.router.core.domain import (
     Degradation,
     DegradationStep,
     EndpointKind,
+    GenerateCall,
     GenerateParams,
     HistoryMessage,
     ModelKind,
+    ReplyChunk,
+    Usage,
+    WorkerRequest,
 )
 from services.router.core.guardrails import policy
 from services.router.core.history import merge_history, turns_to_append
@@ -48,7 +72,7 @@ from services.router.core.reply_cache import ReplyCache
 from services.router.core.validation import GenerateLimits, time_budget, validate_generate
 from services.router.endpoints import EndpointMonitor
 from services.router.failover import Failover, Relayed
-from services.router.metrics import FAILOVERS, GUARDRAIL_HITS
+from services.router.metrics import FAILOVERS, GUARDRAIL_HITS, GenerateObservation
 from services.router.overload import Overload, cached_reply, cached_stream
 from services.router.sessions import SessionClient, SessionUnavailable
 
@@ -73,7 +97,7 @@ class _Deadline:
 class _Turn:
     """One Generate call's session context, filled in as the call proceeds."""
 
-    params: GenerateParams
+    params: GenerateParams  # as guarded
     request_id: str
     tenant: str
     deadline: _Deadline
@@ -83,20 +107,19 @@ class _Turn:
     prompt_chars: int = 0  # of the prompt as sent to the worker (history included)
 
 
-class Generation:
+class Pipeline:
     def __init__(
         self,
         config: RouterConfig,
         endpoints: EndpointMonitor,
         sessions: SessionClient | None,
-        guardrails: policy.GuardrailConfig,
+        guard: CallGuard,
     ) -> None:
         self.config = config
         self.endpoints = endpoints
         self.sessions = sessions
-        # Output PII redaction runs here, inside the layer that records the turn: the session
-        # keeps the reply the client saw.
-        self.guardrails = guardrails
+        self.guard = guard
+        self.guardrails = guard.guardrails
         self._background: set[asyncio.Task[Degradation | None]] = set()
         # Prompt tokens as the workers count them (chat template included), learnt per model.
         self.prompt_tokens = PromptTokens()
@@ -150,67 +173,110 @@ class Generation:
         queued = self.admission.queue.queued_tokens(priority)
         return Load(registry.waiting_tokens(EndpointKind.WORKER, now) + queued, tokens_per_s)
 
-    async def stream(
-        self, req: router_pb2.GenerateRequest, tenant: str, time_remaining: float | None
-    ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        """Generate for `tenant` within `time_remaining` seconds (None: no gRPC deadline; the
-        request's own `deadline` field still applies)."""
-        params = convert.generate_from_pb(req)
+    async def generate(self, call: GenerateCall) -> AsyncIterator[ReplyChunk]:
+        """The reply to `call`, message by message, as observed for the metrics."""
+        observed = GenerateObservation(call.tenant, call.params.model, call.params.priority)
+        try:
+            async for chunk in self._steps(call):
+                observed.sent(chunk)
+                yield chunk
+        except DomainError as exc:
+            observed.failed(exc.status)
+            raise
+        except grpc.aio.AioRpcError as exc:
+            observed.failed(exc.code().name)
+            raise
+        finally:
+            observed.close()
+
+    async def _steps(self, call: GenerateCall) -> AsyncIterator[ReplyChunk]:
+        # 1. validate
+        params = self._resolve_auto(call.params)
         request_id = params.request_id or uuid.uuid4().hex
         request_id_var.set(request_id)
-        params = self._resolve_auto(params)
-        resolved = validate_generate(
-            params, self.endpoints.registry.catalog(), self.config.default_chat_model, self.limits
-        )
+        catalog = self.endpoints.registry.catalog()
+        resolved = validate_generate(params, catalog, self.config.default_chat_model, self.limits)
         authorize_model(resolved.model.id)
-        deadline = _Deadline(time_budget(time_remaining, params.deadline, time.time()))
-        turn = _Turn(params, request_id, tenant, deadline)
-        await self._load_history(turn)
-        messages = merge_history(turn.window, params.messages, request_id)
-        worker_req = convert.worker_request_to_pb(
-            req, request_id, resolved.model.id, messages, resolved.max_tokens
-        )
-        turn.prompt_chars = prompt_chars(params.prompt, messages)
-        ask = Ask(
-            prompt_tokens=self.prompt_tokens.estimate(resolved.model.id, turn.prompt_chars),
-            max_tokens=resolved.max_tokens,
-            session_id=params.session_id,
-            needs=HardwareNeeds(
-                device_type=resolved.model.device_type,
-                min_memory_bytes=resolved.model.min_memory_bytes,
-                context_tokens=resolved.max_tokens,
-            ),
-        )
-        plan = await self.overload.plan(
-            worker_req,
-            resolved.model,
-            self.endpoints.registry.catalog(),
-            effective_priority(params.priority),
-            allow_fallback=req.allow_fallback,
-            prompt_tokens=ask.prompt_tokens,
-            remaining=deadline.remaining,
-        )
-        turn.degraded.extend(plan.steps)
-        if plan.cached is not None:
-            async for out in self._relay(cached_stream(plan.cached), plan.model, turn):
-                yield out
-            return
-        worker_req.model, worker_req.max_tokens = plan.model, plan.max_tokens
-        ask = replace(ask, max_tokens=plan.max_tokens)
-        remaining = deadline.remaining()
+        deadline = _Deadline(time_budget(call.time_remaining, params.deadline, time.time()))
+        # 2. guard input
+        params = self.guard.check_input(replace(call, params=params))
+        turn = _Turn(params, request_id, call.tenant, deadline)
+        # 3. reserve
+        chars = prompt_chars(params.prompt, params.messages)
+        reservation = await self.guard.reserve_generate(call, chars, resolved.max_tokens)
+        usage: Usage | None = None
+        started = False
+        try:
+            # 4. history
+            await self._load_history(turn)
+            messages = merge_history(turn.window, params.messages, request_id)
+            turn.prompt_chars = prompt_chars(params.prompt, messages)
+            request = WorkerRequest(
+                request_id=request_id,
+                model=resolved.model.id,
+                max_tokens=resolved.max_tokens,
+                messages=() if params.prompt is not None else tuple(messages),
+                prompt=params.prompt,
+                sampling=params.sampling,
+                stop=params.stop,
+                stop_token_ids=params.stop_token_ids,
+                priority=params.priority,
+            )
+            ask = Ask(
+                prompt_tokens=self.prompt_tokens.estimate(resolved.model.id, turn.prompt_chars),
+                max_tokens=resolved.max_tokens,
+                session_id=params.session_id,
+                needs=HardwareNeeds(
+                    device_type=resolved.model.device_type,
+                    min_memory_bytes=resolved.model.min_memory_bytes,
+                    context_tokens=resolved.max_tokens,
+                ),
+            )
+            # 5. plan
+            priority = effective_priority(params.priority)
+            plan = await self.overload.plan(
+                request,
+                resolved.model,
+                catalog,
+                priority,
+                allow_fallback=params.allow_fallback,
+                prompt_tokens=ask.prompt_tokens,
+                remaining=deadline.remaining,
+            )
+            turn.degraded.extend(plan.steps)
+            slot: AbstractAsyncContextManager[None] = contextlib.nullcontext()
+            if plan.cached is not None:
+                source = cached_stream(plan.cached)
+            else:
+                request = replace(request, model=plan.model, max_tokens=plan.max_tokens)
+                ask = replace(ask, max_tokens=plan.max_tokens)
+                # 6. admit
+                slot = self.admission.slot(self._queued(turn, priority, ask), deadline.remaining())
+                # 7. relay (read only once admitted)
+                source = self.failover.stream(request, ask, deadline.remaining)
+            async with slot:
+                # 7-9. relay, guard output, record
+                async for chunk in self._relay(source, plan.model, turn, plan.cache_key):
+                    started = True
+                    if chunk.finish is not None:
+                        usage = chunk.usage
+                    yield chunk
+        finally:
+            # 10. settle
+            reported = None if usage is None else usage.prompt_tokens + usage.completion_tokens
+            await self.guard.settle(reservation, used_tokens(reservation, reported, started))
+
+    def _queued(self, turn: _Turn, priority: Priority, ask: Ask) -> QueuedRequest:
+        remaining = turn.deadline.remaining()
         now = self.admission.clock()
-        queued = QueuedRequest(
-            request_id,
+        return QueuedRequest(
+            turn.request_id,
             turn.tenant,
-            effective_priority(params.priority),
+            priority,
             ask.prompt_tokens + ask.max_tokens,
             enqueued_at=now,
             deadline=None if remaining is None else now + remaining,
         )
-        async with self.admission.slot(queued, remaining):
-            relayed = self.failover.stream(worker_req, plan.model, ask, deadline.remaining)
-            async for out in self._relay(relayed, plan.model, turn, plan.cache_key):
-                yield out
 
     def _resolve_auto(self, params: GenerateParams) -> GenerateParams:
         """`auto` (or `auto:<tier>`) becomes the served chat model its prompt and tier call for."""
@@ -255,7 +321,7 @@ class Generation:
 
     async def _relay(
         self, stream: AsyncIterator[Relayed], model_id: str, turn: _Turn, cache_key: str | None = None
-    ) -> AsyncIterator[router_pb2.GenerateResponse]:
+    ) -> AsyncIterator[ReplyChunk]:
         """Pass the reply through as it comes (from workers, moving to another one when one
         breaks, or from the reply cache), redacted where output PII redaction is on; record the
         turn as the client sees it, before the last message."""
@@ -267,43 +333,57 @@ class Generation:
         recording = False  # the finished turn is being (or was) recorded
         try:
             async for relayed in stream:
-                resp = relayed.resp
-                out = convert.generate_response_to_pb(resp, turn.request_id)
-                final = convert.is_final(resp)
+                delta = relayed.delta
+                final = delta.finish is not None
+                text, ids, logprobs = delta.text, delta.token_ids, delta.logprobs
+                # 8. guard output
                 if redactor is not None:
-                    out.text = redactor.feed(resp.text) + (redactor.finish() if final else "")
+                    text = redactor.feed(delta.text) + (redactor.finish() if final else "")
                     # Token ids would carry the redacted text past the redaction.
-                    del out.token_ids[:]
-                    del out.logprobs[:]
+                    ids, logprobs = (), ()
                     if final:
                         for kind, count in redactor.redacted.items():
                             GUARDRAIL_HITS.labels(policy.PII_OUTPUT, f"redacted_{kind}").inc(count)
+                model = session_id = worker = ""
+                degraded: list[Degradation] = []
                 if first:
                     first = False
-                    out.model = resp.model or model_id
-                    out.session_id = turn.params.session_id or ""
-                    out.degraded.extend(convert.degradation_to_pb(d) for d in turn.degraded)
+                    model = delta.model or model_id
+                    session_id = turn.params.session_id or ""
+                    degraded.extend(turn.degraded)
                 if relayed.moved is not None or not reply:
-                    out.worker = relayed.address
+                    worker = relayed.address
                 if relayed.moved is not None:
-                    out.degraded.append(convert.degradation_to_pb(relayed.moved))
-                reply.append(resp.text)
-                shown.append(out.text)
-                token_ids.extend(resp.token_ids)
-                if final and resp.usage.prompt_tokens:
-                    self.prompt_tokens.observe(model_id, turn.prompt_chars, resp.usage.prompt_tokens)
-                if final and convert.finished_normally(resp):
+                    degraded.append(relayed.moved)
+                reply.append(delta.text)
+                shown.append(text)
+                token_ids.extend(delta.token_ids)
+                if final and delta.usage is not None and delta.usage.prompt_tokens:
+                    self.prompt_tokens.observe(model_id, turn.prompt_chars, delta.usage.prompt_tokens)
+                if delta.finish is not None and delta.finish.normal:
                     if cache_key is not None:
                         self.overload.remember(
-                            cache_key, cached_reply(resp, out.model or model_id, reply, token_ids)
+                            cache_key, cached_reply(delta, model or model_id, reply, token_ids)
                         )
+                    # 9. record
                     if turn.record:
                         recording = True
                         # Recorded before the client sees the end, so its next turn finds this one.
-                        note = await self._record(turn, "".join(shown), resp.usage.completion_tokens)
+                        note = await self._record(turn, "".join(shown), _completion_tokens(delta.usage))
                         if note is not None:
-                            out.degraded.append(convert.degradation_to_pb(note))
-                yield out
+                            degraded.append(note)
+                yield ReplyChunk(
+                    request_id=turn.request_id,
+                    text=text,
+                    token_ids=ids,
+                    logprobs=logprobs,
+                    finish=delta.finish,
+                    usage=delta.usage,
+                    model=model,
+                    session_id=session_id,
+                    worker=worker,
+                    degraded=tuple(degraded),
+                )
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away (cancelled, or its deadline passed): keep what it was sent.
             delivered = "".join(shown)
@@ -343,6 +423,10 @@ class Generation:
             return None
         logger.warning("turn not recorded: %s", reason)
         return Degradation(DegradationStep.HISTORY_UNAVAILABLE, f"the turn was not recorded: {reason}")
+
+
+def _completion_tokens(usage: Usage | None) -> int:
+    return 0 if usage is None else usage.completion_tokens
 
 
 def prompt_chars(prompt: str | None, messages: Sequence[HistoryMessage | ChatTurn]) -> int:
