@@ -13,10 +13,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from services.common.errors import ResourceExhausted
 from services.common.telemetry import span
+from services.router.core.load import ClusterLoad
 from services.router.core.queues import Priority, QueuedRequest, RequestQueue
 from services.router.metrics import QUEUE_WAIT, SHED, priority_label
 
@@ -27,24 +28,11 @@ logger = logging.getLogger(__name__)
 _REPLY_MARGIN_S = 0.1
 
 
-@dataclass(frozen=True)
-class Capacity:
-    slots: int  # streams the usable workers may run for this router
-    tokens_per_s: float  # their measured decode throughput, to turn queued tokens into seconds
-    # Streams beyond `slots` that CRITICAL and INTERACTIVE may start at once: a batching worker
-    # takes one more stream at little cost, and their time to first token stays short.
-    headroom: int = 0
-
-
 class Admission:
-    def __init__(
-        self,
-        queue: RequestQueue,
-        capacity: Callable[[], Capacity],
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, queue: RequestQueue, clock: Callable[[], float] = time.monotonic) -> None:
         self.queue = queue
-        self.capacity = capacity
+        # The load model's view of the workers, the same the queue turns tokens into seconds with.
+        self.capacity = queue.load
         self.clock = clock
         self.inflight = 0
         self._waiters: dict[str, asyncio.Future[None]] = {}
@@ -71,7 +59,7 @@ class Admission:
             self.inflight -= 1
             self._pump()
 
-    def _free(self, priority: Priority, capacity: Capacity) -> bool:
+    def _free(self, priority: Priority, capacity: ClusterLoad) -> bool:
         """Whether a request of `priority` may start now, ahead of nobody who waits."""
         if self.inflight < capacity.slots and not self.queue:
             return True
@@ -81,8 +69,7 @@ class Admission:
             and not self.queue.queued_tokens(priority)
         )
 
-    async def _wait(self, request: QueuedRequest, capacity: Capacity, timeout_s: float | None) -> None:
-        self.queue.service_tokens_per_s = capacity.tokens_per_s or self.queue.config.service_tokens_per_s
+    async def _wait(self, request: QueuedRequest, capacity: ClusterLoad, timeout_s: float | None) -> None:
         # Keyed apart from the request id: callers may reuse theirs.
         key = f"{next(self._keys)}"
         self.queue.push(replace(request, request_id=key), self.clock())
@@ -90,11 +77,12 @@ class Admission:
         self._waiters[key] = waiter
         max_wait_s = self.queue.config.limits[request.priority].max_wait_s
         # Leave the queue while the answer can still reach the caller before its deadline, and
-        # once too little time is left to generate the reply (at best the measured speed).
+        # once too little time is left to generate the reply (at best the full-batch speed: the
+        # load model's `misses` with nothing left ahead).
         give_up_s = (
             None
             if timeout_s is None
-            else timeout_s - max(_REPLY_MARGIN_S, self.queue.seconds_for(request.tokens))
+            else timeout_s - max(_REPLY_MARGIN_S, capacity.seconds_for(request.tokens))
         )
         try:
             await asyncio.wait(
@@ -112,7 +100,7 @@ class Admission:
                 raise ResourceExhausted(
                     f"deadline: too close to be met after {waited:.2f}s in the admission queue "
                     f"({timeout_s:.2f}s were left when it arrived)",
-                    self.queue.config.min_retry_after_ms,
+                    capacity.min_retry_after_ms,
                 )
             raise self._too_long(request.priority.name, max_wait_s)
         waiter.result()  # raises the queue's refusal for requests that waited too long
@@ -143,5 +131,5 @@ class Admission:
         SHED.labels(queue_name.lower(), "max_wait").inc()
         return ResourceExhausted(
             f"waited {waited_s:.1f}s in the {queue_name} queue, its longest wait",
-            self.queue.config.min_retry_after_ms,
+            self.capacity().min_retry_after_ms,
         )

@@ -24,6 +24,7 @@ from services.common.telemetry import client_interceptors, span
 from services.common.tls import TlsConfig, aio_channel
 from services.router import convert
 from services.router.core.domain import EndpointKind
+from services.router.core.load import ClusterLoad, LoadModel
 from services.router.core.placement import Ask, PlacementPolicy, create_placement_policy, fitting
 from services.router.core.registry import Placed, Registry
 from services.router.metrics import FAILOVERS
@@ -86,17 +87,23 @@ class EndpointMonitor:
         rpc_timeout_s: float,
         backoff_max_s: float,
         policy: PlacementPolicy | None = None,
+        load_model: LoadModel | None = None,
+        waiting_window_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         eject_after_errors: int = 3,
         eject_s: float = 5.0,
         tls: TlsConfig | None = None,
     ) -> None:
         self.tls = tls or TlsConfig()
-        self.registry = Registry(stale_after_s, eject_after_errors, eject_s)
+        self.registry = Registry(
+            stale_after_s, eject_after_errors, eject_s, waiting_window_s=waiting_window_s
+        )
+        # The one load model: placement, admission, the ladder and deadlines all predict with it.
+        self.load_model = load_model or LoadModel()
         self.report_interval_ms = report_interval_ms
         self.rpc_timeout_s = rpc_timeout_s
         self.backoff_max_s = backoff_max_s
-        self.policy = policy or create_placement_policy()
+        self.policy = policy or create_placement_policy(model=self.load_model)
         self.clock = clock
         self._kinds: dict[str, EndpointKind] = {}
         for kind, addresses in ((EndpointKind.WORKER, workers), (EndpointKind.EMBEDDER, embedders)):
@@ -186,6 +193,10 @@ class EndpointMonitor:
             )
         address = self.policy.choose(fit, ask).address
         return self.registry.on_placed(address, ask.prompt_tokens + ask.max_tokens, now, ask.prompt_tokens)
+
+    def cluster(self, kind: EndpointKind = EndpointKind.WORKER) -> ClusterLoad:
+        """The usable endpoints of `kind` together, as the load model sees them now."""
+        return self.load_model.cluster(self.registry.loads(kind, self.clock()))
 
     def release(self, placement: Placement) -> None:
         """The request placed by `placement` is over (finished, failed or cancelled)."""

@@ -1,7 +1,8 @@
 """Overload handling at admission, around the degradation ladder (a pure policy).
 
-Measures the load (tokens waiting at the workers and in this router's queue over their
-measured speed), asks the ladder what a request gets, holds BATCH back while the ladder
+Asks the load model (`core/load.py`) how long a new request of each class would wait (the
+work queued at the workers and ahead of it in this router's queue), asks the ladder what a
+request gets, holds BATCH back while the ladder
 says so (never past the request's deadline), refuses with a pushback, and keeps the replies
 of deterministic requests for the cached-reply rung.
 """
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from services.common.errors import ResourceExhausted
 from services.router.core.domain import Degradation, Delta, ModelSpec, Usage, WorkerRequest
-from services.router.core.ladder import Ladder, LadderConfig, Load, RequestFacts, fallback_model
+from services.router.core.ladder import Ladder, LadderConfig, RequestFacts, fallback_model
+from services.router.core.load import ClusterLoad
 from services.router.core.queues import Priority
 from services.router.core.reply_cache import CachedReply, ReplyCache, reply_key
 from services.router.failover import Relayed
@@ -49,7 +50,8 @@ class Overload:
         self,
         config: LadderConfig,
         cache: ReplyCache,
-        load: Callable[[Priority], Load],
+        cluster: Callable[[], ClusterLoad],
+        ahead: Callable[[Priority], int],
         *,
         max_hold_s: float,
         clock: Callable[[], float],
@@ -57,7 +59,8 @@ class Overload:
         self.ladders = {priority: Ladder(config) for priority in Priority}
         self.config = config
         self.cache = cache
-        self.load = load
+        self.cluster = cluster
+        self.ahead = ahead  # tokens queued in this router that a request of a class waits behind
         self.max_hold_s = max_hold_s
         self.clock = clock
 
@@ -93,11 +96,13 @@ class Overload:
         ladder = self.ladders[priority]
         started = self.clock()
         while True:
-            load = self.load(priority)
-            decision = ladder.decide(facts, load)
+            load = self.cluster()
+            ahead = self.ahead(priority)
+            wait = load.wait_s(ahead)
+            decision = ladder.decide(facts, wait)
             if decision.refuse_retry_after_ms is not None:
                 raise ResourceExhausted(
-                    f"overloaded: predicted wait {load.wait_s:.1f}s; {priority.name} requests are "
+                    f"overloaded: predicted wait {wait:.1f}s; {priority.name} requests are "
                     "refused until it falls",
                     decision.refuse_retry_after_ms,
                 )
@@ -108,20 +113,22 @@ class Overload:
             budget = self.max_hold_s if left is None else min(self.max_hold_s, held + left - _HOLD_POLL_S)
             if held + _HOLD_POLL_S > budget:
                 raise ResourceExhausted(
-                    f"overloaded: predicted wait {load.wait_s:.1f}s; BATCH held back for {held:.1f}s "
+                    f"overloaded: predicted wait {wait:.1f}s; BATCH held back for {held:.1f}s "
                     "and its time is up",
-                    ladder.retry_after_ms(load.wait_s),
+                    ladder.retry_after_ms(wait),
                 )
             await asyncio.sleep(_HOLD_POLL_S)
         left = remaining()
-        late = left is not None and load.wait_s >= left
-        if late and not decision.from_cache and priority is not Priority.CRITICAL:
-            # It would still be waiting when its caller gives up: say so now, not at the deadline.
+        # Refused up front only when it would still be waiting when its caller gives up: its
+        # own cost is not known here (max_tokens is a cap, most replies stop well short of it,
+        # and a reply cut at the deadline still reaches its caller). The queue, which a request
+        # enters once the workers are full, holds it to prompt + max_tokens.
+        if not decision.from_cache and priority is not Priority.CRITICAL and load.misses(left, ahead, 0):
             # CRITICAL is tried all the same (it goes first in the queue; the estimate is rough).
             raise ResourceExhausted(
-                f"the deadline cannot be met: predicted wait {load.wait_s:.1f}s behind the queued work, "
+                f"the deadline cannot be met: predicted wait {wait:.1f}s behind the queued work, "
                 f"deadline in {left:.1f}s",
-                max(self.config.min_retry_after_ms, math.ceil(min(load.wait_s, 3600.0) * 1000)),
+                load.retry_after_ms(ahead),
             )
         if decision.from_cache:
             cached = next((hit for k in keys if (hit := self.cache.get(k)) is not None), None)

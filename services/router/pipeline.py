@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -38,7 +37,7 @@ import grpc
 from services.common.errors import DomainError, FailedPrecondition, InvalidArgument, Unavailable
 from services.common.logs import request_id_var
 from services.common.telemetry import span
-from services.router.admission import Admission, Capacity
+from services.router.admission import Admission
 from services.router.auth import authorize_model
 from services.router.call_guard import CallGuard, used_tokens
 from services.router.config import RouterConfig
@@ -58,7 +57,7 @@ from services.router.core.domain import (
 )
 from services.router.core.guardrails import policy
 from services.router.core.history import merge_history, turns_to_append
-from services.router.core.ladder import LadderConfig, Load
+from services.router.core.ladder import LadderConfig
 from services.router.core.placement import Ask, HardwareNeeds
 from services.router.core.prompt_tokens import PromptTokens, rough_tokens
 from services.router.core.queues import (
@@ -129,49 +128,27 @@ class Pipeline:
             max_stop_sequences=config.max_stop_sequences,
             max_request_id_chars=config.max_request_id_chars,
         )
-        queue = create_request_queue(config.queue_policy, QueueConfig(aging_s=config.queue_aging_s))
-        self.admission = Admission(queue, self._capacity, endpoints.clock)
+        queue = create_request_queue(
+            config.queue_policy, QueueConfig(aging_s=config.queue_aging_s), endpoints.cluster
+        )
+        self.admission = Admission(queue, endpoints.clock)
         self.failover = Failover(
             endpoints,
             stall_timeout_s=config.stall_timeout_s,
             attempts=config.failover_attempts,
             on_failover=lambda reason: FAILOVERS.labels("worker", reason).inc(),
         )
-        endpoints.registry.waiting_window_s = config.overload_window_s
         self.overload = Overload(
             LadderConfig(
                 thresholds_s=tuple(config.degradation_thresholds_s),  # type: ignore[arg-type]
                 capped_max_tokens=config.degraded_max_tokens,
             ),
             ReplyCache(config.reply_cache_entries),
-            self._load,
+            endpoints.cluster,
+            queue.queued_tokens,
             max_hold_s=config.batch_hold_max_s,
             clock=endpoints.clock,
         )
-
-    def _capacity(self) -> Capacity:
-        registry = self.endpoints.registry
-        workers, tokens_per_s = registry.throughput(
-            EndpointKind.WORKER,
-            self.endpoints.clock(),
-            self.config.prior_decode_tokens_per_s,
-            self.config.max_streams_per_worker,
-        )
-        slots = workers * self.config.max_streams_per_worker
-        return Capacity(slots, tokens_per_s, math.ceil(slots * self.config.priority_headroom))
-
-    def _load(self, priority: Priority) -> Load:
-        """Tokens a new request of `priority` waits behind (queued at the workers, and in this
-        router's queue at its class or above) and how fast they go."""
-        registry, now = self.endpoints.registry, self.endpoints.clock()
-        _, tokens_per_s = registry.throughput(
-            EndpointKind.WORKER,
-            now,
-            self.config.prior_decode_tokens_per_s,
-            self.config.max_streams_per_worker,
-        )
-        queued = self.admission.queue.queued_tokens(priority)
-        return Load(registry.waiting_tokens(EndpointKind.WORKER, now) + queued, tokens_per_s)
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplyChunk]:
         """The reply to `call`, message by message, as observed for the metrics."""

@@ -20,7 +20,8 @@ from services.router.config import RouterConfig
 from services.router.core.catalog import load_catalog
 from services.router.core.domain import EndpointKind
 from services.router.core.guardrails.policy import GuardrailConfig
-from services.router.core.placement import Priors, create_placement_policy
+from services.router.core.load import LoadModel, Priors
+from services.router.core.placement import create_placement_policy
 from services.router.core.quotas import QuotaLimits, build_limits
 from services.router.core.rbac import build_roles
 from services.router.discovery import Discovery, split_addresses
@@ -43,6 +44,15 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     warming up by the time the server answers; the router serves even before any worker
     is known (Generate then answers UNAVAILABLE)."""
     tls = TlsConfig.of(config)
+    load_model = LoadModel(
+        Priors(
+            decode_tokens_per_s=config.prior_decode_tokens_per_s,
+            prefill_tokens_per_s=config.prior_prefill_tokens_per_s,
+            tokens_per_sequence=config.default_max_tokens,
+        ),
+        streams_per_worker=config.max_streams_per_worker,
+        headroom_share=config.priority_headroom,
+    )
     endpoints = EndpointMonitor(
         tls=tls,
         workers=split_addresses(config.worker_addresses)[0],
@@ -53,12 +63,12 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         backoff_max_s=config.reconnect_backoff_max_s,
         policy=create_placement_policy(
             config.placement_policy,
-            Priors(
-                config.prior_decode_tokens_per_s, config.prior_prefill_tokens_per_s, config.default_max_tokens
-            ),
+            load_model,
             config.affinity_factor,
             session_affinity=config.session_affinity,
         ),
+        load_model=load_model,
+        waiting_window_s=config.overload_window_s,
         eject_after_errors=config.eject_after_errors,
         eject_s=config.eject_s,
     )

@@ -103,4 +103,5 @@ def load_to_pb(snap: LoadSnapshot) -> common_pb2.LoadReport:
         prefix_cache_hit_rate=e.prefix_cache_hit_rate,
         decode_step_fixed_s=e.decode_step_fixed_s,
         decode_step_per_sequence_s=e.decode_step_per_sequence_s,
+        decode_step_batch=e.decode_step_batch,
     )

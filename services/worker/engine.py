@@ -54,6 +54,7 @@ class EngineLoad:
     prefix_cache_hit_rate: float = 0.0
     decode_step_fixed_s: float = 0.0
     decode_step_per_sequence_s: float = 0.0
+    decode_step_batch: float = 0.0  # mean batch of the fitted steps
 
 
 class RequestHandle:
@@ -184,6 +185,7 @@ class Engine:
             prefix_cache_hit_rate=blocks.prefix_hit_rate,
             decode_step_fixed_s=step_fixed_s,
             decode_step_per_sequence_s=step_per_sequence_s,
+            decode_step_batch=self.step_model.mean_batch,
         )
 
     def forget_speed(self) -> None:

@@ -71,3 +71,8 @@ class StepTimeModel:
         if fixed < 0:  # steeper than a line through the origin: call it all per sequence
             return 0.0, mean_t / mean_b
         return fixed, per_sequence
+
+    @property
+    def mean_batch(self) -> float:
+        """Mean batch of the fitted steps (recent ones weigh more); 0 before any step."""
+        return self._b / self._w if self._w else 0.0

@@ -73,6 +73,7 @@ class LoadSnapshot:
     # Decode step seconds = fixed + per_sequence * batch, as the worker measured it (0: not yet).
     decode_step_fixed_s: float = 0.0
     decode_step_per_sequence_s: float = 0.0
+    decode_step_batch: float = 0.0  # mean batch of the fitted steps (0: not said)
 
 
 @dataclass(frozen=True)

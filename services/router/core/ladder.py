@@ -1,7 +1,7 @@
 """The degradation ladder: what the router gives up, in order, as measured load grows.
 
-Pure policy. Load is the predicted wait of a new request (backlog tokens over measured
-throughput); each rung has a threshold in seconds and the ladder climbs at once but only
+Pure policy. Load is the predicted wait of a new request, as the load model
+(`core/load.py`) gives it; each rung has a threshold in seconds and the ladder climbs at once but only
 steps down once the wait falls a margin below a rung, so it does not flap between reports.
 """
 
@@ -43,20 +43,6 @@ class LadderConfig:
 
 
 @dataclass(frozen=True)
-class Load:
-    """Measured load behind the router: tokens queued or running, and how fast they drain."""
-
-    backlog_tokens: int
-    tokens_per_s: float
-
-    @property
-    def wait_s(self) -> float:
-        if self.backlog_tokens <= 0:
-            return 0.0
-        return math.inf if self.tokens_per_s <= 0 else self.backlog_tokens / self.tokens_per_s
-
-
-@dataclass(frozen=True)
 class RequestFacts:
     priority: Priority
     max_tokens: int
@@ -84,9 +70,9 @@ class Ladder:
         self.config = config or LadderConfig()
         self.rung = Rung.NORMAL
 
-    def update(self, load: Load) -> Rung:
-        """Move to the rung the measured load calls for (up at once, down with a margin)."""
-        wait = load.wait_s
+    def update(self, wait: float) -> Rung:
+        """Move to the rung a predicted wait of `wait` seconds calls for (up at once, down with
+        a margin)."""
         thresholds = self.config.thresholds_s
         target = Rung(sum(1 for t in thresholds if wait >= t))
         if target >= self.rung:
@@ -96,9 +82,10 @@ class Ladder:
             self.rung = Rung(self.rung - 1)
         return self.rung
 
-    def decide(self, request: RequestFacts, load: Load) -> Decision:
-        rung = self.update(load)
-        wait = load.wait_s
+    def decide(self, request: RequestFacts, wait: float) -> Decision:
+        """What `request` gets when a new request is predicted to wait `wait` seconds (the
+        load model's `ClusterLoad.wait_s`)."""
+        rung = self.update(wait)
         if request.priority is Priority.CRITICAL or rung is Rung.NORMAL:
             return Decision(rung, request.max_tokens)
         if rung >= Rung.REFUSE:

@@ -9,12 +9,12 @@ earliest deadline first across tenants for requests about to miss theirs.
 from __future__ import annotations
 
 import enum
-import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from services.common.errors import ResourceExhausted
+from services.router.core.load import ClusterLoad
 
 
 class Priority(enum.IntEnum):
@@ -64,18 +64,15 @@ class QueueConfig:
     aging_s: float = 30.0
     # Requests this close to their deadline skip the tenant fair share and go by deadline.
     urgent_slack_s: float = 1.0
-    # Tokens per second the endpoints behind the queue drain, until told a measured value.
-    service_tokens_per_s: float = 100.0
-    min_retry_after_ms: int = 100
 
 
 class RequestQueue(ABC):
-    """What the admission task needs of a queue; `now` is the owner's clock reading."""
+    """What the admission task needs of a queue; `now` is the owner's clock reading, `load`
+    the load model's view of the workers behind it (turns queued tokens into seconds)."""
 
-    def __init__(self, config: QueueConfig) -> None:
+    def __init__(self, config: QueueConfig, load: Callable[[], ClusterLoad]) -> None:
         self.config = config
-        # The owner updates it from load reports; it turns queued tokens into seconds.
-        self.service_tokens_per_s = config.service_tokens_per_s
+        self.load = load
         self._items: list[QueuedRequest] = []  # arrival order; depths are bounded, scans are cheap
 
     @abstractmethod
@@ -110,26 +107,16 @@ class RequestQueue(ABC):
     def depth(self, priority: Priority) -> int:
         return sum(1 for r in self._items if r.priority is priority)
 
-    def seconds_for(self, tokens: int) -> float:
-        """Seconds `tokens` take at the measured speed of the endpoints behind the queue."""
-        return self._seconds_for(tokens)
-
-    def _seconds_for(self, tokens: int) -> float:
-        return tokens / max(self.service_tokens_per_s, 1e-9)
-
-    def _retry_after_ms(self, tokens_ahead: int) -> int:
-        return max(self.config.min_retry_after_ms, math.ceil(self._seconds_for(tokens_ahead) * 1000))
-
     def _check_deadline(self, request: QueuedRequest, tokens_ahead: int, now: float) -> None:
-        if request.deadline is None:
+        load = self.load()
+        if request.deadline is None or not load.misses(request.deadline - now, tokens_ahead, request.tokens):
             return
-        finish = now + self._seconds_for(tokens_ahead + request.tokens)
-        if finish > request.deadline:
-            raise ResourceExhausted(
-                f"the deadline cannot be met: {tokens_ahead} tokens are queued ahead, predicted finish "
-                f"{finish - now:.1f}s from now, deadline in {request.deadline - now:.1f}s",
-                self._retry_after_ms(tokens_ahead),
-            )
+        finish = load.finish_s(tokens_ahead, request.tokens)
+        raise ResourceExhausted(
+            f"the deadline cannot be met: {tokens_ahead} tokens are queued ahead, predicted finish "
+            f"{finish:.1f}s from now, deadline in {request.deadline - now:.1f}s",
+            load.retry_after_ms(tokens_ahead),
+        )
 
     def _too_old(self, request: QueuedRequest, now: float) -> bool:
         if request.deadline is not None and now >= request.deadline:
@@ -144,7 +131,9 @@ class FCFSRequestQueue(RequestQueue):
         ahead = sum(r.tokens for r in self._items)
         limit = self.config.limits[Priority.BATCH].max_depth
         if len(self._items) >= limit:
-            raise ResourceExhausted(f"queue full: {limit} requests waiting", self._retry_after_ms(ahead))
+            raise ResourceExhausted(
+                f"queue full: {limit} requests waiting", self.load().retry_after_ms(ahead)
+            )
         self._check_deadline(request, ahead, now)
         self._items.append(request)
 
@@ -155,8 +144,8 @@ class FCFSRequestQueue(RequestQueue):
 class PriorityRequestQueue(RequestQueue):
     """Classes with aging, token-weighted fair share between tenants, deadlines."""
 
-    def __init__(self, config: QueueConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: QueueConfig, load: Callable[[], ClusterLoad]) -> None:
+        super().__init__(config, load)
         self._served: dict[str, int] = {}  # tokens dispatched per tenant (fair-share clock)
 
     def aged_class(self, request: QueuedRequest, now: float) -> int:
@@ -175,7 +164,7 @@ class PriorityRequestQueue(RequestQueue):
         if self.depth(request.priority) >= limits.max_depth:
             raise ResourceExhausted(
                 f"{request.priority.name} queue full: {limits.max_depth} requests waiting",
-                self._retry_after_ms(ahead),
+                self.load().retry_after_ms(ahead),
             )
         self._check_deadline(request, ahead, now)
         if not any(r.tenant == request.tenant for r in self._items):
@@ -207,12 +196,11 @@ class PriorityRequestQueue(RequestQueue):
 QUEUE_POLICIES = ("priority", "fcfs")
 
 
-def create_request_queue(policy: str = "priority", config: QueueConfig | None = None) -> RequestQueue:
-    config = config or QueueConfig()
+def create_request_queue(policy: str, config: QueueConfig, load: Callable[[], ClusterLoad]) -> RequestQueue:
     if policy == "priority":
-        return PriorityRequestQueue(config)
+        return PriorityRequestQueue(config, load)
     if policy == "fcfs":
-        return FCFSRequestQueue(config)
+        return FCFSRequestQueue(config, load)
     raise ValueError(f"unknown queue policy {policy!r} (known: {', '.join(QUEUE_POLICIES)})")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from services.router.core.catalog import merge
 from services.router.core.domain import EndpointKind, LoadSnapshot, ModelKind, ModelSpec
-from services.router.core.placement import Candidate, Priors, step_seconds
+from services.router.core.load import EndpointLoad, StepModel
 
 
 @dataclass(eq=False)
@@ -45,8 +45,8 @@ class EndpointState:
     # Latest non-zero speeds: an idle endpoint reports 0 but has not become slow.
     decode_tokens_per_s: float = 0.0
     prefill_tokens_per_s: float = 0.0
-    # Latest measured decode step model (fixed, per sequence), seconds; (0, 0) = not yet.
-    step_model: tuple[float, float] = (0.0, 0.0)
+    # Latest measured decode step model; not measured yet until a report has one.
+    step_model: StepModel = field(default_factory=StepModel)
     errors: int = 0  # consecutive failed requests
     ejected_until: float = 0.0
     retired: bool = False  # left service discovery: no new requests, not listed
@@ -66,20 +66,25 @@ class EndpointView:
 
 
 class Registry:
-    def __init__(self, stale_after_s: float, eject_after_errors: int = 3, eject_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        stale_after_s: float,
+        eject_after_errors: int = 3,
+        eject_s: float = 5.0,
+        *,
+        waiting_window_s: float = 0.0,
+    ) -> None:
         self.stale_after_s = stale_after_s
         self.eject_after_errors = eject_after_errors
         self.eject_s = eject_s
         self._endpoints: dict[str, EndpointState] = {}
         self._configured: tuple[ModelSpec, ...] = ()
         # Queued work counts as such once it lasted this long: a burst being admitted is not a queue.
-        self.waiting_window_s = 0.0
+        self.waiting_window_s = waiting_window_s
         # A request placed this long before a report is in it (on its way and admitted by then).
         # Forgetting a placement at the first report after it instead would undercount an
         # endpoint that a burst just reached, and the next requests would herd onto it.
         self.report_lag_s = 0.05
-        # For step models whose growth per sequence is not measured yet (its share of the fixed cost).
-        self.priors = Priors()
 
     def add(self, address: str, kind: EndpointKind) -> None:
         if address in self._endpoints:
@@ -119,7 +124,9 @@ class Registry:
         if load.prefill_tokens_per_s > 0:
             state.prefill_tokens_per_s = load.prefill_tokens_per_s
         if load.decode_step_fixed_s > 0 or load.decode_step_per_sequence_s > 0:
-            state.step_model = (load.decode_step_fixed_s, load.decode_step_per_sequence_s)
+            state.step_model = StepModel(
+                load.decode_step_fixed_s, load.decode_step_per_sequence_s, load.decode_step_batch
+            )
         if load.models:
             state.models = load.models
 
@@ -197,7 +204,7 @@ class Registry:
 
     def candidates(
         self, kind: EndpointKind, model_id: str, now: float, exclude: frozenset[str] = frozenset()
-    ) -> list[Candidate]:
+    ) -> list[EndpointLoad]:
         """Usable endpoints of `kind` serving `model_id`, in configured order."""
         out = []
         for state in self._endpoints.values():
@@ -207,35 +214,16 @@ class Registry:
             if model is None:
                 continue
             if self._assess(state, now)[0] and state.load is not None:
-                out.append(_candidate(state, state.load, model))
+                out.append(_endpoint_load(state, state.load, model.context_length))
         return out
 
-    def waiting_tokens(self, kind: EndpointKind, now: float) -> int:
-        """Tokens queued at the usable endpoints of `kind` and not started yet: the work a new
-        request waits behind (running sequences do not delay it in a batching worker). Each
-        endpoint counts the least it reported within the waiting window, so only a queue that
-        lasts counts."""
-        return sum(
-            min(tokens for _, tokens in state.waiting)
+    def loads(self, kind: EndpointKind, now: float) -> list[EndpointLoad]:
+        """Every usable endpoint of `kind`, whatever it serves: the load model's cluster."""
+        return [
+            _endpoint_load(state, state.load, 0)
             for state in self._endpoints.values()
-            if state.kind is kind and state.waiting and self._assess(state, now)[0]
-        )
-
-    def throughput(
-        self, kind: EndpointKind, now: float, prior_tokens_per_s: float, full_batch: int = 0
-    ) -> tuple[int, float]:
-        """Usable endpoints of `kind` and their summed decode speed when full: `full_batch`
-        sequences a step by their step models, where measured (a queue only forms once the
-        workers are full, and the rate a lightly loaded worker shows now is far below that);
-        else their reported speed, or the prior where unmeasured."""
-        usable = [s for s in self._endpoints.values() if s.kind is kind and self._assess(s, now)[0]]
-        return len(usable), sum(self._full_speed(s, full_batch) or prior_tokens_per_s for s in usable)
-
-    def _full_speed(self, state: EndpointState, full_batch: int) -> float:
-        fixed, per_sequence = state.step_model
-        if full_batch and (fixed > 0 or per_sequence > 0):
-            return full_batch / step_seconds(fixed, per_sequence, full_batch, self.priors)
-        return state.decode_tokens_per_s
+            if state.kind is kind and state.load is not None and self._assess(state, now)[0]
+        ]
 
     def describe(self, kind: EndpointKind, now: float) -> str:
         """One line per endpoint of `kind` saying why it is (not) usable, for error messages."""
@@ -270,17 +258,20 @@ class Registry:
         return list(merged.values())
 
 
-def _candidate(state: EndpointState, load: LoadSnapshot, model: ModelSpec) -> Candidate:
-    return Candidate(
+def _endpoint_load(state: EndpointState, load: LoadSnapshot, context_length: int) -> EndpointLoad:
+    return EndpointLoad(
         address=state.address,
-        load=max(0, load.waiting + load.running - state.ended) + len(state.placed),
+        sequences=max(0, load.waiting + load.running - state.ended) + len(state.placed),
         backlog_tokens=load.running_tokens + load.waiting_tokens + sum(p.tokens for p in state.placed),
-        decode_tokens_per_s=state.decode_tokens_per_s,
         pending_prompt_tokens=sum(p.prompt_tokens for p in state.placed),
-        decode_step_fixed_s=state.step_model[0],
-        decode_step_per_sequence_s=state.step_model[1],
+        # Each endpoint counts the least it reported within the waiting window, so only a
+        # queue that lasts counts (running sequences do not delay a new request in a batching
+        # worker; what waits there does).
+        waiting_tokens=min((tokens for _, tokens in state.waiting), default=0),
+        decode_tokens_per_s=state.decode_tokens_per_s,
         prefill_tokens_per_s=state.prefill_tokens_per_s,
+        step=state.step_model,
         device_type=load.device.type,
         memory_total_bytes=load.device.memory_total_bytes,
-        context_length=model.context_length,
+        context_length=context_length,
     )

@@ -15,8 +15,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from services.common import telemetry
 from services.common.server import GrpcServer
-from services.router.admission import Admission, Capacity
-from services.router.core.queues import Priority, QueuedRequest, create_request_queue
+from services.router.admission import Admission
+from services.router.core.load import ClusterLoad
+from services.router.core.queues import Priority, QueueConfig, QueuedRequest, create_request_queue
 
 SERVICE = "test.tracing.v1.Probe"
 TRACE_ID, PARENT_ID = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
@@ -42,7 +43,8 @@ def _register(server: grpc.aio.Server) -> None:
 
 async def _queue_wait() -> None:
     """A request that waits for the router's only slot, inside a request span."""
-    admission = Admission(create_request_queue("priority"), lambda: Capacity(1, 10.0))
+    cluster = ClusterLoad(workers=1, slots=1, tokens_per_s=10.0)
+    admission = Admission(create_request_queue("priority", QueueConfig(), lambda: cluster))
 
     def request(request_id: str) -> QueuedRequest:
         return QueuedRequest(request_id, "t", Priority.STANDARD, 10, enqueued_at=time.monotonic())

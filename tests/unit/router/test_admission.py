@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from services.common.errors import ResourceExhausted
-from services.router.admission import Admission, Capacity
+from services.router.admission import Admission
+from services.router.core.load import ClusterLoad
 from services.router.core.queues import (
     ClassLimits,
     Priority,
@@ -29,9 +30,9 @@ def make_admission(
     slots: int, tokens_per_s: float = 1e6, max_wait_s: float = 1000.0, headroom: int = 0
 ) -> Admission:
     limits = {p: ClassLimits(100, max_wait_s) for p in Priority}
-    queue = create_request_queue("priority", QueueConfig(limits))
-    capacity = Capacity(slots, tokens_per_s, headroom)
-    return Admission(queue, lambda: capacity, Clock())
+    capacity = ClusterLoad(workers=1, slots=slots, headroom=headroom, tokens_per_s=tokens_per_s)
+    queue = create_request_queue("priority", QueueConfig(limits), lambda: capacity)
+    return Admission(queue, Clock())
 
 
 def make_request(request_id: str, priority: Priority = Priority.STANDARD, tokens: int = 10) -> QueuedRequest:

@@ -201,6 +201,7 @@ async def test_load_reports_the_decode_step_model(engine_with) -> None:  # type:
         assert predicted == pytest.approx(measured, rel=0.2), (batch, predicted, measured)
     # The growth per sequence is half the fixed cost here; the fit tells the two apart.
     assert load.decode_step_per_sequence_s == pytest.approx(0.5 * load.decode_step_fixed_s, rel=0.4)
+    assert 1 < load.decode_step_batch < 4  # the batches it was fitted over
     engine.forget_speed()  # what the service does after its warm-up pass
     load = engine.load()
     assert (load.decode_step_fixed_s, load.decode_tokens_per_s, load.prefill_tokens_per_s) == (0, 0, 0)

@@ -26,6 +26,8 @@ def test_one_batch_size_gives_the_mean_step_and_no_growth() -> None:
         model.add(4, seconds)
     fixed, per_sequence = model.fit()
     assert (fixed, per_sequence) == (pytest.approx(0.06, rel=0.01), 0.0)
+    # Said with it: the batch that mean step was taken at, so the router grows it from there.
+    assert model.mean_batch == pytest.approx(4.0)
 
 
 def test_recent_steps_outweigh_old_ones() -> None:
@@ -42,6 +44,6 @@ def test_nothing_measured_is_zero_and_bad_samples_are_ignored() -> None:
     model = StepTimeModel()
     model.add(0, 0.1)
     model.add(3, 0.0)
-    assert model.fit() == (0.0, 0.0)
+    assert (model.fit(), model.mean_batch) == ((0.0, 0.0), 0.0)
     with pytest.raises(ValueError, match="halflife_steps=0"):
         StepTimeModel(halflife_steps=0)

@@ -9,11 +9,11 @@ from services.router.core.ladder import (
     Decision,
     Ladder,
     LadderConfig,
-    Load,
     RequestFacts,
     Rung,
     fallback_model,
 )
+from services.router.core.load import ClusterLoad
 from services.router.core.queues import Priority
 
 P = Priority
@@ -21,8 +21,9 @@ RATE = 100.0  # tokens/s: a backlog of 100 * s tokens is a wait of s seconds
 CONFIG = LadderConfig(thresholds_s=(2.0, 4.0, 6.0, 10.0, 20.0), step_down_margin=0.2, capped_max_tokens=64)
 
 
-def wait(seconds: float) -> Load:
-    return Load(backlog_tokens=round(seconds * RATE), tokens_per_s=RATE)
+def wait(seconds: float) -> float:
+    """The wait the load model predicts with `seconds` worth of tokens queued at the workers."""
+    return ClusterLoad(tokens_per_s=RATE, waiting_tokens=round(seconds * RATE)).wait_s()
 
 
 def make_ladder() -> Ladder:
@@ -51,9 +52,8 @@ def test_rung_follows_predicted_wait(seconds: float, rung: Rung) -> None:
 
 
 def test_no_throughput_measured_with_a_backlog_is_the_top_rung() -> None:
-    assert Load(backlog_tokens=10, tokens_per_s=0.0).wait_s == float("inf")
-    assert make_ladder().update(Load(10, 0.0)) is Rung.REFUSE
-    assert Load(0, 0.0).wait_s == 0.0
+    assert make_ladder().update(ClusterLoad(tokens_per_s=0.0, waiting_tokens=10).wait_s()) is Rung.REFUSE
+    assert make_ladder().update(ClusterLoad(tokens_per_s=0.0).wait_s()) is Rung.NORMAL
 
 
 def test_ladder_climbs_at_once_and_steps_down_with_a_margin() -> None:

@@ -7,27 +7,30 @@ from dataclasses import replace
 
 import pytest
 
+from services.router.core.load import EndpointLoad, LoadModel, Priors, StepModel
 from services.router.core.placement import (
     Ask,
-    Candidate,
     HardwareNeeds,
     LeastLoaded,
     PredictedCompletion,
-    Priors,
     create_placement_policy,
     fitting,
     least_loaded,
-    predicted_seconds,
 )
 
 PRIORS = Priors(decode_tokens_per_s=10.0, prefill_tokens_per_s=100.0, tokens_per_sequence=50)
+MODEL = LoadModel(PRIORS)
 
 
-def endpoint(address: str, **fields: object) -> Candidate:
-    return Candidate(address, **fields)  # type: ignore[arg-type]
+def endpoint(address: str, **fields: object) -> EndpointLoad:
+    return EndpointLoad(address, **fields)  # type: ignore[arg-type]
 
 
-def place_burst(policy: PredictedCompletion, candidates: list[Candidate], asks: list[Ask]) -> Counter[str]:
+def predicted_seconds(endpoint: EndpointLoad, ask: Ask) -> float:
+    return MODEL.finish_s(endpoint, ask.prompt_tokens, ask.max_tokens)
+
+
+def place_burst(policy: PredictedCompletion, candidates: list[EndpointLoad], asks: list[Ask]) -> Counter[str]:
     """Place `asks` one after another, adding each to its endpoint's backlog as the registry does."""
     by_address = {c.address: c for c in candidates}
     tokens: Counter[str] = Counter()
@@ -63,18 +66,18 @@ def test_unknown_context_length_does_not_exclude() -> None:
 def test_prediction_uses_measured_speeds_and_priors_until_measured() -> None:
     ask = Ask(prompt_tokens=200, max_tokens=100)
     measured = endpoint("a", backlog_tokens=300, decode_tokens_per_s=40.0, prefill_tokens_per_s=400.0)
-    assert predicted_seconds(measured, ask, PRIORS) == pytest.approx((300 + 100) / 40 + 200 / 400)
+    assert predicted_seconds(measured, ask) == pytest.approx((300 + 100) / 40 + 200 / 400)
     unmeasured = endpoint("b", backlog_tokens=300)
-    assert predicted_seconds(unmeasured, ask, PRIORS) == pytest.approx((300 + 100) / 10 + 200 / 100)
+    assert predicted_seconds(unmeasured, ask) == pytest.approx((300 + 100) / 10 + 200 / 100)
 
 
 def test_sequence_counts_stand_in_when_tokens_are_not_reported() -> None:
     ask = Ask(max_tokens=10)
-    assert predicted_seconds(endpoint("a", load=3), ask, PRIORS) == pytest.approx((3 * 50 + 10) / 10)
+    assert predicted_seconds(endpoint("a", sequences=3), ask) == pytest.approx((3 * 50 + 10) / 10)
 
 
 def test_faster_endpoint_wins_at_equal_backlog_slower_wins_when_far_less_loaded() -> None:
-    policy = PredictedCompletion(PRIORS)
+    policy = PredictedCompletion(MODEL)
     slow = endpoint("slow", backlog_tokens=100, decode_tokens_per_s=10.0)
     fast = endpoint("fast", backlog_tokens=100, decode_tokens_per_s=30.0)
     assert policy.choose([slow, fast], Ask(max_tokens=10)).address == "fast"
@@ -84,7 +87,7 @@ def test_faster_endpoint_wins_at_equal_backlog_slower_wins_when_far_less_loaded(
 
 @pytest.mark.parametrize("speeds", [(10.0, 30.0), (20.0, 20.0), (5.0, 45.0)])
 def test_work_splits_in_proportion_to_measured_speed(speeds: tuple[float, float]) -> None:
-    policy = PredictedCompletion(PRIORS)
+    policy = PredictedCompletion(MODEL)
     candidates = [endpoint("a", decode_tokens_per_s=speeds[0]), endpoint("b", decode_tokens_per_s=speeds[1])]
     tokens = place_burst(policy, candidates, [Ask(max_tokens=20)] * 400)
     share_a = tokens["a"] / (tokens["a"] + tokens["b"])
@@ -94,18 +97,16 @@ def test_work_splits_in_proportion_to_measured_speed(speeds: tuple[float, float]
 def test_a_step_model_predicts_decoding_alongside_the_running_batch() -> None:
     ask = Ask(prompt_tokens=200, max_tokens=100)
     worker = endpoint(
-        "a", load=7, decode_step_fixed_s=0.05, decode_step_per_sequence_s=0.004, prefill_tokens_per_s=400.0
+        "a", sequences=7, step=StepModel(fixed_s=0.05, per_sequence_s=0.004), prefill_tokens_per_s=400.0
     )
     # Joins a batch of 8: 100 steps of 0.05 + 8 * 0.004 s, after its prompt.
-    assert predicted_seconds(worker, ask, PRIORS) == pytest.approx(100 * (0.05 + 8 * 0.004) + 200 / 400)
+    assert predicted_seconds(worker, ask) == pytest.approx(100 * (0.05 + 8 * 0.004) + 200 / 400)
     # Prompts placed there since its report are prefilled before (or with) ours.
     queued = replace(worker, pending_prompt_tokens=600)
-    assert predicted_seconds(queued, ask, PRIORS) == pytest.approx(
-        predicted_seconds(worker, ask, PRIORS) + 600 / 400
-    )
+    assert predicted_seconds(queued, ask) == pytest.approx(predicted_seconds(worker, ask) + 600 / 400)
     # Growth not measured yet (the batch never varied): the prior share of the fixed cost.
-    flat = replace(worker, decode_step_per_sequence_s=0.0)
-    assert predicted_seconds(flat, ask, PRIORS) == pytest.approx(
+    flat = replace(worker, step=StepModel(fixed_s=0.05))
+    assert predicted_seconds(flat, ask) == pytest.approx(
         100 * (0.05 * (1 + 8 * PRIORS.per_sequence_share)) + 200 / 400
     )
 
@@ -113,11 +114,10 @@ def test_a_step_model_predicts_decoding_alongside_the_running_batch() -> None:
 def test_a_worker_with_fewer_streams_does_not_look_slower() -> None:
     # The aggregate speed of a worker running 2 streams is lower than that of one running 16,
     # but a request placed on it finishes sooner: the step model sees that.
-    policy = PredictedCompletion(PRIORS)
-    light = endpoint("light", load=2, decode_tokens_per_s=30.0, decode_step_fixed_s=0.06)
-    heavy = endpoint("heavy", load=16, decode_tokens_per_s=120.0, decode_step_fixed_s=0.06)
-    light = replace(light, decode_step_per_sequence_s=0.004)
-    heavy = replace(heavy, decode_step_per_sequence_s=0.004)
+    policy = PredictedCompletion(MODEL)
+    step = StepModel(fixed_s=0.06, per_sequence_s=0.004)
+    light = endpoint("light", sequences=2, decode_tokens_per_s=30.0, step=step)
+    heavy = endpoint("heavy", sequences=16, decode_tokens_per_s=120.0, step=step)
     assert policy.choose([heavy, light], Ask(max_tokens=32)).address == "light"
 
 
@@ -125,22 +125,22 @@ def test_a_worker_with_fewer_streams_does_not_look_slower() -> None:
 def test_streams_settle_where_steps_take_equally_long(
     fast: tuple[float, float], slow: tuple[float, float]
 ) -> None:
-    policy = PredictedCompletion(PRIORS)
+    policy = PredictedCompletion(MODEL)
     by_address = {
-        "fast": endpoint("fast", decode_step_fixed_s=fast[0], decode_step_per_sequence_s=fast[1]),
-        "slow": endpoint("slow", decode_step_fixed_s=slow[0], decode_step_per_sequence_s=slow[1]),
+        "fast": endpoint("fast", step=StepModel(*fast)),
+        "slow": endpoint("slow", step=StepModel(*slow)),
     }
     for _ in range(60):
         picked = policy.choose(list(by_address.values()), Ask(max_tokens=16))
-        by_address[picked.address] = replace(picked, load=picked.load + 1)
-    steps = {a: c.decode_step_fixed_s + c.decode_step_per_sequence_s * c.load for a, c in by_address.items()}
+        by_address[picked.address] = replace(picked, sequences=picked.sequences + 1)
+    steps = {a: c.step.fixed_s + c.step.per_sequence_s * c.sequences for a, c in by_address.items()}
     # Each new stream went where its steps were shortest: the two end within one stream's cost.
     assert abs(steps["fast"] - steps["slow"]) <= max(fast[1], slow[1])
-    assert by_address["fast"].load > by_address["slow"].load
+    assert by_address["fast"].sequences > by_address["slow"].sequences
 
 
 def test_equal_endpoints_rotate() -> None:
-    policy = PredictedCompletion(PRIORS)
+    policy = PredictedCompletion(MODEL)
     candidates = [endpoint("a"), endpoint("b"), endpoint("c")]
     assert [policy.choose(candidates, Ask()).address for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
 
@@ -154,7 +154,7 @@ def test_no_candidates_is_an_error() -> None:
 
 
 def test_session_sticks_to_its_endpoint_within_the_factor() -> None:
-    policy = PredictedCompletion(PRIORS, affinity_factor=2.0)
+    policy = PredictedCompletion(MODEL, affinity_factor=2.0)
     a, b = endpoint("a", backlog_tokens=100), endpoint("b", backlog_tokens=100)
     first = policy.choose([a, b], Ask(max_tokens=10, session_id="s")).address
     assert first == "a"
@@ -165,7 +165,7 @@ def test_session_sticks_to_its_endpoint_within_the_factor() -> None:
 
 
 def test_session_moves_when_its_endpoint_is_overloaded_or_gone() -> None:
-    policy = PredictedCompletion(PRIORS, affinity_factor=1.5)
+    policy = PredictedCompletion(MODEL, affinity_factor=1.5)
     a, b = endpoint("a"), endpoint("b", backlog_tokens=50)
     assert policy.choose([a, b], Ask(max_tokens=10, session_id="s")).address == "a"
     overloaded = replace(a, backlog_tokens=500)  # 51 s vs 6 s
@@ -175,7 +175,7 @@ def test_session_moves_when_its_endpoint_is_overloaded_or_gone() -> None:
 
 
 def test_without_session_affinity_a_session_is_placed_like_any_request() -> None:
-    policy = PredictedCompletion(PRIORS, affinity_factor=2.0, session_affinity=False)
+    policy = PredictedCompletion(MODEL, affinity_factor=2.0, session_affinity=False)
     a, b = endpoint("a", backlog_tokens=100), endpoint("b", backlog_tokens=100)
     assert policy.choose([a, b], Ask(max_tokens=10, session_id="s")).address == "a"
     a = replace(a, backlog_tokens=200)  # within the factor, but affinity is off: best wins
@@ -184,7 +184,7 @@ def test_without_session_affinity_a_session_is_placed_like_any_request() -> None
 
 
 def test_session_memory_is_bounded_oldest_first() -> None:
-    policy = PredictedCompletion(PRIORS, max_sessions=2)
+    policy = PredictedCompletion(MODEL, max_sessions=2)
     for session in ("s1", "s2", "s3"):
         policy.choose([endpoint("a")], Ask(session_id=session))
     assert policy.session_endpoint("s1") is None
@@ -200,7 +200,7 @@ def test_affinity_factor_below_one_is_refused() -> None:
 
 
 def test_least_loaded_wins_and_ties_rotate() -> None:
-    candidates = [endpoint("a", load=1), endpoint("b"), endpoint("c")]
+    candidates = [endpoint("a", sequences=1), endpoint("b"), endpoint("c")]
     assert [least_loaded(candidates, turn).address for turn in range(4)] == ["b", "c", "b", "c"]
     policy = LeastLoaded()
     assert [policy.choose(candidates, Ask()).address for _ in range(2)] == ["b", "c"]

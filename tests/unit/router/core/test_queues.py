@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from services.common.errors import ResourceExhausted
+from services.router.core.load import ClusterLoad
 from services.router.core.queues import (
     ClassLimits,
     FCFSRequestQueue,
@@ -45,8 +46,9 @@ def make_queue(
     urgent_slack_s: float = 0.0,
 ) -> RequestQueue:
     limits = {p: ClassLimits(depth, max_wait_s) for p in Priority}
-    config = QueueConfig(limits, aging_s, urgent_slack_s, service_tokens_per_s=rate)
-    return create_request_queue(policy, config)
+    config = QueueConfig(limits, aging_s, urgent_slack_s)
+    load = ClusterLoad(workers=1, slots=1, tokens_per_s=rate)
+    return create_request_queue(policy, config, lambda: load)
 
 
 def ids(requests: object) -> list[str]:
@@ -185,9 +187,9 @@ def test_fcfs_ignores_classes_and_bounds_the_total() -> None:
 
 
 def test_factory_knows_its_policies() -> None:
-    assert isinstance(create_request_queue(), PriorityRequestQueue)
+    assert isinstance(create_request_queue("priority", QueueConfig(), ClusterLoad), PriorityRequestQueue)
     with pytest.raises(ValueError, match="unknown queue policy 'lifo'"):
-        create_request_queue("lifo")
+        create_request_queue("lifo", QueueConfig(), ClusterLoad)
 
 
 def test_queued_tokens_count_what_a_class_waits_behind() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.router.core.domain import DeviceSpec, EndpointKind, LoadSnapshot, ModelKind, ModelSpec
-from services.router.core.placement import Candidate
+from services.router.core.load import EndpointLoad, LoadModel, Priors, StepModel
 from services.router.core.registry import Registry
 
 CHAT = ModelSpec("chat", ModelKind.CHAT, context_length=2048)
@@ -103,8 +103,8 @@ def test_candidates_filter_by_kind_model_usability_and_exclusion() -> None:
     assert registry.candidates(EndpointKind.EMBEDDER, "chat", 0.0) == []
 
 
-def loads(candidates: list[Candidate]) -> list[tuple[str, int]]:
-    return [(c.address, c.load) for c in candidates]
+def loads(candidates: list[EndpointLoad]) -> list[tuple[str, int]]:
+    return [(c.address, c.sequences) for c in candidates]
 
 
 def test_candidate_carries_backlog_speed_device_and_context() -> None:
@@ -120,9 +120,10 @@ def test_candidate_carries_backlog_speed_device_and_context() -> None:
     )
     registry.on_report("w", report, 0.0)
     (candidate,) = registry.candidates(EndpointKind.WORKER, "chat", 0.0)
-    assert candidate == Candidate(
+    assert candidate == EndpointLoad(
         "w",
         backlog_tokens=42,
+        waiting_tokens=12,
         decode_tokens_per_s=40.0,
         prefill_tokens_per_s=900.0,
         device_type="cuda",
@@ -150,7 +151,7 @@ def test_a_report_right_after_a_burst_does_not_forget_it() -> None:
         registry.on_placed("w", 10, now=1.0, prompt_tokens=4)
     registry.on_report("w", LoadSnapshot(running=1), 1.0 + registry.report_lag_s / 2)
     [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 1.01)
-    assert (candidate.load, candidate.pending_prompt_tokens) == (9, 32)
+    assert (candidate.sequences, candidate.pending_prompt_tokens) == (9, 32)
 
 
 def test_requests_ended_since_the_report_stop_counting_until_the_next() -> None:
@@ -160,9 +161,9 @@ def test_requests_ended_since_the_report_stop_counting_until_the_next() -> None:
     registry.on_report("w", LoadSnapshot(running=4), 1.2)  # shows the burst
     for placed in burst[:3]:
         registry.on_released(placed)  # ended after that report: it still says 4
-    assert registry.candidates(EndpointKind.WORKER, "chat", 1.3)[0].load == 1
+    assert registry.candidates(EndpointKind.WORKER, "chat", 1.3)[0].sequences == 1
     registry.on_report("w", LoadSnapshot(running=1), 1.4)
-    assert registry.candidates(EndpointKind.WORKER, "chat", 1.4)[0].load == 1
+    assert registry.candidates(EndpointKind.WORKER, "chat", 1.4)[0].sequences == 1
 
 
 def test_released_before_any_report_stops_counting() -> None:
@@ -188,22 +189,23 @@ def test_requests_placed_since_the_report_count_in_the_load() -> None:
     placed = registry.on_placed("w", 5, now=1.0, prompt_tokens=2)
     registry.on_placed("w", 7, now=1.0, prompt_tokens=3)
     [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 1.0)
-    assert (candidate.load, candidate.pending_prompt_tokens) == (5, 5)
+    assert (candidate.sequences, candidate.pending_prompt_tokens) == (5, 5)
     registry.on_released(placed)
     [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 1.0)
-    assert (candidate.load, candidate.pending_prompt_tokens) == (4, 3)
+    assert (candidate.sequences, candidate.pending_prompt_tokens) == (4, 3)
     registry.on_report("w", LoadSnapshot(running=4), 1.2)
     [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 1.2)
-    assert (candidate.load, candidate.pending_prompt_tokens) == (4, 0)
+    assert (candidate.sequences, candidate.pending_prompt_tokens) == (4, 0)
 
 
 def test_idle_report_keeps_the_last_step_model() -> None:
     registry = make_registry("w")
     registry.on_info("w", "id-w", (CHAT,))
-    registry.on_report("w", LoadSnapshot(decode_step_fixed_s=0.05, decode_step_per_sequence_s=0.004), 0.0)
+    report = LoadSnapshot(decode_step_fixed_s=0.05, decode_step_per_sequence_s=0.004, decode_step_batch=6.5)
+    registry.on_report("w", report, 0.0)
     registry.on_report("w", LoadSnapshot(), 0.1)
     [candidate] = registry.candidates(EndpointKind.WORKER, "chat", 0.1)
-    assert (candidate.decode_step_fixed_s, candidate.decode_step_per_sequence_s) == (0.05, 0.004)
+    assert candidate.step == StepModel(fixed_s=0.05, per_sequence_s=0.004, batch=6.5)
 
 
 def test_throughput_when_full_comes_from_the_step_model_where_measured() -> None:
@@ -217,10 +219,13 @@ def test_throughput_when_full_comes_from_the_step_model_where_measured() -> None
     )
     registry.on_report("rate-only", LoadSnapshot(decode_tokens_per_s=30.0), 0.0)
     registry.on_report("new", LoadSnapshot(), 0.0)
-    workers, speed = registry.throughput(EndpointKind.WORKER, 0.0, prior_tokens_per_s=10.0, full_batch=16)
+    model = LoadModel(Priors(decode_tokens_per_s=10.0), streams_per_worker=16, headroom_share=0.5)
+    cluster = model.cluster(registry.loads(EndpointKind.WORKER, 0.0))
     # 16 sequences a step of 0.04 + 16 * 0.002 s; the reported rate; the prior.
-    assert workers == 3 and speed == pytest.approx(16 / 0.072 + 30.0 + 10.0)
-    assert registry.throughput(EndpointKind.WORKER, 0.0, 10.0)[1] == pytest.approx(20.0 + 30.0 + 10.0)
+    assert (cluster.workers, cluster.slots, cluster.headroom) == (3, 48, 24)
+    assert cluster.tokens_per_s == pytest.approx(16 / 0.072 + 30.0 + 10.0)
+    registry.on_down("new", "gone")
+    assert model.cluster(registry.loads(EndpointKind.WORKER, 0.0)).workers == 2
 
 
 def test_idle_report_keeps_the_last_measured_speed() -> None:
@@ -276,19 +281,26 @@ def test_describe_names_each_endpoint_and_why() -> None:
     assert registry.describe(EndpointKind.EMBEDDER, 5.0) == "no embedder configured"
 
 
+def waiting(registry: Registry, now: float) -> int:
+    return sum(e.waiting_tokens for e in registry.loads(EndpointKind.WORKER, now))
+
+
 def test_waiting_tokens_count_only_a_queue_that_lasts_the_window() -> None:
-    registry = make_registry("a", "b")
-    registry.waiting_window_s = 1.0
+    registry = Registry(stale_after_s=STALE_S, waiting_window_s=1.0)
+    registry.add("a", EndpointKind.WORKER)
+    registry.add("b", EndpointKind.WORKER)
     bring_up(registry, "a", 0.0)
     bring_up(registry, "b", 0.0, waiting_tokens=50)
     registry.on_report("a", LoadSnapshot(waiting_tokens=900), 0.5)  # a burst being admitted
-    assert registry.waiting_tokens(EndpointKind.WORKER, 0.5) == 50  # a's 0 is still in its window
+    assert waiting(registry, 0.5) == 50  # a's 0 is still in its window
     registry.on_report("a", LoadSnapshot(waiting_tokens=700), 1.2)
     registry.on_report("b", LoadSnapshot(waiting_tokens=80), 1.2)
     # a's queue lasted (900 then 700 within the window); b's earlier 50 left the window.
-    assert registry.waiting_tokens(EndpointKind.WORKER, 1.2) == 700 + 80
+    assert waiting(registry, 1.2) == 700 + 80
     registry.on_report("a", LoadSnapshot(waiting_tokens=0), 1.3)
-    assert registry.waiting_tokens(EndpointKind.WORKER, 1.3) == 0 + 80
-    registry.waiting_window_s = 0.0
-    registry.on_report("b", LoadSnapshot(waiting_tokens=80), 1.4)
-    assert registry.waiting_tokens(EndpointKind.WORKER, 1.4) == 80  # no window: the latest report
+    assert waiting(registry, 1.3) == 0 + 80
+
+    unwindowed = make_registry("a")
+    bring_up(unwindowed, "a", 0.0, waiting_tokens=900)
+    unwindowed.on_report("a", LoadSnapshot(waiting_tokens=80), 0.1)
+    assert waiting(unwindowed, 0.1) == 80  # no window: the latest report
