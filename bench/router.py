@@ -1,7 +1,7 @@
 """What the router costs on top of a worker, in one run: per-token gaps and requests/s.
 
     python bench/router.py [--tokens 128] [--streams 20] [--clients 32] [--seconds 3] [--rounds 3]
-                           [--token-delay-ms 0]
+                           [--token-delay-ms 0] [--baseline-rev REV]
 
 A fast fake worker (no model, no delay between tokens unless --token-delay-ms) and a router in front of it run
 as real gRPC servers, each in a process of its own, so neither shares the client's event
@@ -9,6 +9,10 @@ loop or CPU time. The client sends the same load straight to the worker and thro
 router, alternating between the two so machine noise hits both, and prints one table:
 inter-token gaps of one stream at a time (p50/p99 and the difference router - direct) and
 requests/s with many concurrent clients and short replies (ratio router / direct).
+
+--baseline-rev REV also runs the router of git revision REV (checked out into a temporary
+folder, its protos generated there) in front of the same fake worker, interleaved with the
+other two, and adds its column and the ratio this tree / REV: before and after in one run.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import itertools
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -63,23 +68,36 @@ async def _serve(kind: str, worker_address: str, token_delay_ms: float) -> None:
 
 
 def _spawn(
-    kind: str, worker_address: str = "", token_delay_ms: float = 0
+    kind: str, worker_address: str = "", token_delay_ms: float = 0, root: Path = ROOT
 ) -> tuple[subprocess.Popen[str], str]:
+    """Run `root`'s bench/router.py as a server (another revision's for a baseline router)."""
     proc = subprocess.Popen(
         [
-            *(sys.executable, __file__, "--serve", kind),
+            *(sys.executable, str(root / "bench" / "router.py"), "--serve", kind),
             *("--worker-address", worker_address, "--token-delay-ms", str(token_delay_ms)),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        cwd=ROOT,
+        cwd=root,
     )
     assert proc.stdout is not None
     address = proc.stdout.readline().strip()
     if not address:
         raise RuntimeError(f"the {kind} process exited with {proc.wait()} before serving")
     return proc, address
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """The tree of `rev` in `into`, with its generated protos (they are not committed)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SystemExit(f"--baseline-rev {rev}: {archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    if not (into / "bench" / "router.py").exists():
+        raise SystemExit(f"--baseline-rev {rev}: that revision has no bench/router.py to serve its router")
+    subprocess.run([sys.executable, "scripts/gen_protos.py"], cwd=into, check=True, capture_output=True)
+    return into
 
 
 # --- the client ---------------------------------------------------------------------------
@@ -164,17 +182,19 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-async def bench(args: argparse.Namespace, worker_address: str, router_address: str) -> None:
-    async with (
-        grpc.aio.insecure_channel(worker_address) as wch,
-        grpc.aio.insecure_channel(router_address) as rch,
-    ):
-        senders = {
-            "direct": direct_sender(worker_pb2_grpc.WorkerStub(wch)),
-            "router": routed_sender(router_pb2_grpc.InferenceStub(rch)),
-        }
-        await wait_routable(senders["router"])
-        for send in senders.values():  # warm both paths (channels, first-call costs)
+async def bench(
+    args: argparse.Namespace, worker_address: str, router_address: str, baseline_address: str | None
+) -> None:
+    routers = {"router": router_address}
+    if baseline_address is not None:
+        routers["baseline"] = baseline_address
+    channels = [grpc.aio.insecure_channel(a) for a in (worker_address, *routers.values())]
+    try:
+        senders = {"direct": direct_sender(worker_pb2_grpc.WorkerStub(channels[0]))}
+        for (name, _), channel in zip(routers.items(), channels[1:], strict=True):
+            senders[name] = routed_sender(router_pb2_grpc.InferenceStub(channel))
+            await wait_routable(senders[name])
+        for send in senders.values():  # warm every path (channels, first-call costs)
             await gaps_of(send, args.tokens, 2, [])
             await requests_per_s(send, args.clients, 0.3)
 
@@ -188,23 +208,39 @@ async def bench(args: argparse.Namespace, worker_address: str, router_address: s
                 gaps[name] += await gaps_of(senders[name], args.tokens, args.streams, ttfts[name])
             for name in order:
                 rps[name].append(await requests_per_s(senders[name], args.clients, args.seconds))
+    finally:
+        for channel in channels:
+            await channel.close()
 
-    d, rt = gaps["direct"], gaps["router"]
+    rows: list[tuple[str, dict[str, float], str]] = [
+        (f"inter-token gap p{q} (ms)", {n: pct(g, q) for n, g in gaps.items()}, ".3f") for q in (50, 99)
+    ]
+    rows.append(("time to first token p50 (ms)", {n: statistics.median(t) for n, t in ttfts.items()}, ".3f"))
+    rows.append(("requests/s (median of rounds)", {n: statistics.median(r) for n, r in rps.items()}, ".0f"))
+    baseline = "baseline" in senders
     print(
         f"\nrouter overhead: fake worker ({args.token_delay_ms:g} ms before each token); "
         f"{args.tokens}-token streams x {args.streams * args.rounds} one at a time; "
         f"{args.clients} concurrent clients x {SHORT_TOKENS}-token replies, "
-        f"{args.rounds} rounds of {args.seconds:g} s; direct and router runs interleaved\n"
+        f"{args.rounds} rounds of {args.seconds:g} s; {', '.join(senders)} runs interleaved"
+        + (f"; baseline = the router of {args.baseline_rev}" if baseline else "")
+        + "\n"
     )
-    print(f"{'metric':<34}{'direct':>10}{'router':>10}{'router-direct':>15}{'ratio':>8}")
-    for label, q in (("inter-token gap p50 (ms)", 50), ("inter-token gap p99 (ms)", 99)):
-        a, b = pct(d, q), pct(rt, q)
-        print(f"{label:<34}{a:>10.3f}{b:>10.3f}{b - a:>+15.3f}{b / a:>8.2f}")
-    a, b = statistics.median(ttfts["direct"]), statistics.median(ttfts["router"])
-    print(f"{'time to first token p50 (ms)':<34}{a:>10.3f}{b:>10.3f}{b - a:>+15.3f}{b / a:>8.2f}")
-    a, b = statistics.median(rps["direct"]), statistics.median(rps["router"])
-    print(f"{'requests/s (median of rounds)':<34}{a:>10.0f}{b:>10.0f}{b - a:>+15.0f}{b / a:>8.2f}")
-    print(f"\ntarget: added p50 gap <= 1 ms -> {'met' if pct(rt, 50) - pct(d, 50) <= 1.0 else 'NOT met'}")
+    header = f"{'metric':<34}{'direct':>10}{'router':>10}{'router-direct':>15}{'ratio':>8}"
+    print(header + (f"{'baseline':>10}{'router/baseline':>17}" if baseline else ""))
+    for label, v, f in rows:
+        line = f"{label:<34}{v['direct']:>10{f}}{v['router']:>10{f}}"
+        line += f"{v['router'] - v['direct']:>+15{f}}{v['router'] / v['direct']:>8.2f}"
+        if baseline:
+            line += f"{v['baseline']:>10{f}}{v['router'] / v['baseline']:>17.2f}"
+        print(line)
+    added = pct(gaps["router"], 50) - pct(gaps["direct"], 50)
+    print(f"\ntarget: added p50 gap <= 1 ms -> {'met' if added <= 1.0 else 'NOT met'}")
+    if baseline:
+        before = pct(gaps["baseline"], 50) - pct(gaps["direct"], 50)
+        print(
+            f"added p50 gap {added:+.3f} ms against the baseline's {before:+.3f} ms ({added / before:.2f}x)"
+        )
 
 
 def main() -> None:
@@ -217,6 +253,9 @@ def main() -> None:
     parser.add_argument(
         "--token-delay-ms", type=float, default=0.0, help="pause of the fake worker before each token"
     )
+    parser.add_argument(
+        "--baseline-rev", help="also run this git revision's router, interleaved, for a before/after"
+    )
     parser.add_argument("--serve", choices=["worker", "router"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-address", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,12 +266,18 @@ def main() -> None:
         parser.error("--tokens must be between 2 and 200 (the fake model's context is 512 tokens)")
 
     procs: list[subprocess.Popen[str]] = []
+    scratch = tempfile.TemporaryDirectory(prefix="bench-router-baseline-")
     try:
         worker, worker_address = _spawn("worker", token_delay_ms=args.token_delay_ms)
         procs.append(worker)
         router, router_address = _spawn("router", worker_address)
         procs.append(router)
-        asyncio.run(bench(args, worker_address, router_address))
+        baseline_address = None
+        if args.baseline_rev:
+            old_tree = checkout(args.baseline_rev, Path(scratch.name))
+            baseline, baseline_address = _spawn("router", worker_address, root=old_tree)
+            procs.append(baseline)
+        asyncio.run(bench(args, worker_address, router_address, baseline_address))
     finally:
         # The router first, so the worker sees its streams end rather than being cut off.
         for proc in reversed(procs):
@@ -243,6 +288,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        scratch.cleanup()
 
 
 if __name__ == "__main__":

@@ -222,17 +222,21 @@ def degradation_to_pb(d: Degradation) -> common_pb2.Degradation:
 
 
 def reply_chunk_to_pb(chunk: ReplyChunk) -> router_pb2.GenerateResponse:
-    out = router_pb2.GenerateResponse(
-        request_id=chunk.request_id,
-        text=chunk.text,
-        token_ids=chunk.token_ids,
-        logprobs=chunk.logprobs,
-        finish_reason=finish_to_pb(chunk.finish),
-        model=chunk.model,
-        degraded=[degradation_to_pb(d) for d in chunk.degraded],
-        session_id=chunk.session_id,
-        worker=chunk.worker,
-    )
+    # Once per token: a middle message carries its text and ids only, so only those are set
+    # (every keyword given to a protobuf constructor costs, empty or not).
+    out = router_pb2.GenerateResponse(request_id=chunk.request_id, text=chunk.text, token_ids=chunk.token_ids)
+    if chunk.logprobs:
+        out.logprobs.extend(chunk.logprobs)
+    if chunk.finish is not None:
+        out.finish_reason = finish_to_pb(chunk.finish)
+    if chunk.model:
+        out.model = chunk.model
+    if chunk.degraded:
+        out.degraded.extend(degradation_to_pb(d) for d in chunk.degraded)
+    if chunk.session_id:
+        out.session_id = chunk.session_id
+    if chunk.worker:
+        out.worker = chunk.worker
     if chunk.usage is not None:
         out.usage.CopyFrom(usage_to_pb(chunk.usage))
     return out
