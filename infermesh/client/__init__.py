@@ -4,7 +4,7 @@
 from infermesh.client import Client
 
 with Client("127.0.0.1:50051") as client:
-    print(client.generate("What is the capital of France?", max_tokens=32).text)
+    print(client.generate("Name the capital of France.", max_tokens=32).text)
 ```
 
 `AsyncClient` offers the same calls for asyncio. Results are plain dataclasses; failures

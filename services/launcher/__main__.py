@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         ports = ", ".join(f"{s} {spec.host}:{p}" for s, p in spec.metrics_ports.items())
         print(f"Prometheus /metrics: {ports}")
         print(f"live view: infermesh top --metrics {spec.host}:{spec.metrics_ports['router']}")
-    print('try: infermesh chat "What is the capital of France?"   (stop with: make down)')
+    print('try: infermesh chat "Name the capital of France."   (stop with: make down)')
     return 0
 
 

@@ -17,11 +17,12 @@ from infermesh import cli
 from infermesh.client import AsyncClient, BatchState, Client, FinishReason
 from services.launcher.mesh import Mesh, MeshSpec
 from tests.e2e.meshes import free_port, running_mesh
+from tests.fixtures.prompts import CAPITAL_QUESTION
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 QUESTIONS = [
-    ("france", "What is the capital of France?"),
+    ("france", CAPITAL_QUESTION),
     ("colour", "Name one colour of the rainbow."),
     ("sum", "What is two plus two?"),
     ("greet", "Say hello in French."),
@@ -49,11 +50,11 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 def test_sync_client_answers_streams_and_embeds(mesh: Mesh) -> None:
     with Client(mesh.spec.address("router"), timeout=180) as client:
-        reply = client.generate("What is the capital of France?", max_tokens=48)
+        reply = client.generate(CAPITAL_QUESTION, max_tokens=48)
         assert "Paris" in reply.text
         assert reply.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
         assert 0 < reply.usage.completion_tokens <= 48
-        chunks = list(client.stream("What is the capital of France?", max_tokens=48))
+        chunks = list(client.stream(CAPITAL_QUESTION, max_tokens=48))
         assert "".join(c.text for c in chunks) == reply.text  # greedy: the same tokens
         assert len(chunks) > 1
         vectors = client.embed(["hello world"]).vectors

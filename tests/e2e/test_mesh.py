@@ -18,6 +18,7 @@ from infermesh.common.v1 import common_pb2
 from infermesh.router.v1 import router_pb2, router_pb2_grpc
 from services.launcher.mesh import SERVICES, Mesh, MeshSpec
 from tests.e2e.meshes import free_port, router_stub, running_mesh
+from tests.fixtures.prompts import CAPITAL_QUESTION
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -52,7 +53,7 @@ async def test_chat_with_session_names_paris_and_records_both_turns(
 ) -> None:
     session = await stub.CreateSession(router_pb2.CreateSessionRequest(user_id="e2e-user"), timeout=10)
     request = router_pb2.GenerateRequest(
-        messages=[_user("What is the capital of France?")],
+        messages=[_user(CAPITAL_QUESTION)],
         session_id=session.session_id,
         max_tokens=48,
     )
@@ -69,7 +70,7 @@ async def test_chat_with_session_names_paris_and_records_both_turns(
         (common_pb2.ROLE_USER, 1),
         (common_pb2.ROLE_ASSISTANT, 2),
     ]
-    assert history.messages[0].content == "What is the capital of France?"
+    assert history.messages[0].content == CAPITAL_QUESTION
     assert history.messages[1].content == reply
 
 
@@ -128,7 +129,7 @@ async def test_cli_chat_and_status(mesh: Mesh, stub: router_pb2_grpc.InferenceSt
     env = {**os.environ, "INFERMESH_ADDRESS": mesh.spec.address("router")}
     cli = [sys.executable, "-m", "infermesh.cli"]
     chat = subprocess.run(
-        [*cli, "chat", "--max-tokens", "32", "What is the capital of France?"],
+        [*cli, "chat", "--max-tokens", "32", CAPITAL_QUESTION],
         env=env,
         capture_output=True,
         text=True,

@@ -291,6 +291,28 @@ class SpeedSplit:
         return self.speeds[address] / sum(self.speeds.values())
 
 
+def best_split(step_s: dict[str, tuple[float, float]], per_wave: int) -> dict[str, float]:
+    """Share of a wave of `per_wave` equal decodes on two workers that ends the wave soonest,
+    given each worker's step time as fixed + per_sequence * batch: what placement by predicted
+    completion aims at. A worker whose step grows little with its batch should take more than
+    its speed at one load says."""
+    (a, (fa, pa)), (b, (fb, pb)) = step_s.items()
+    k = min(
+        range(per_wave + 1),
+        key=lambda k: max(fa + pa * k if k else 0.0, fb + pb * (per_wave - k) if k < per_wave else 0.0),
+    )
+    return {a: k / per_wave, b: (per_wave - k) / per_wave}
+
+
+async def step_line(worker: RealWorker, loads: tuple[int, int], max_tokens: int) -> tuple[float, float]:
+    """(fixed, per-sequence) seconds of a decode step, from tokens/s alone at two loads."""
+    (b1, b2) = loads
+    s1 = b1 / await worker.tokens_per_s(streams=b1, max_tokens=max_tokens)
+    s2 = b2 / await worker.tokens_per_s(streams=b2, max_tokens=max_tokens)
+    per_sequence = max(0.0, (s2 - s1) / (b2 - b1))
+    return max(0.0, s1 - per_sequence * b1), per_sequence
+
+
 async def split_by_speed(
     stub: router_pb2_grpc.InferenceStub,
     workers: list[RealWorker],

@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infermesh.common.v1 import common_pb2
 from infermesh.worker.v1 import worker_pb2
+from tests.fixtures.prompts import CAPITAL_QUESTION
 from tests.fixtures.timing import assert_paced
 
 from .conftest import CONTEXT, RunningWorker
@@ -18,7 +19,7 @@ from .conftest import CONTEXT, RunningWorker
 pytestmark = pytest.mark.slow
 
 USER = common_pb2.ROLE_USER
-PARIS = [common_pb2.ChatMessage(role=USER, content="What is the capital of France?")]
+PARIS = [common_pb2.ChatMessage(role=USER, content=CAPITAL_QUESTION)]
 
 
 def request(**kwargs: Any) -> worker_pb2.GenerateRequest:
@@ -244,7 +245,7 @@ async def test_deadline_stops_generation(worker: RunningWorker) -> None:
 
 async def test_tokenize_applies_the_chat_template(worker: RunningWorker) -> None:
     chat = await worker.stub.Tokenize(worker_pb2.TokenizeRequest(messages=PARIS))
-    plain = await worker.stub.Tokenize(worker_pb2.TokenizeRequest(prompt="What is the capital of France?"))
+    plain = await worker.stub.Tokenize(worker_pb2.TokenizeRequest(prompt=CAPITAL_QUESTION))
     assert chat.context_length == plain.context_length == CONTEXT
     assert len(chat.token_ids) > len(plain.token_ids) + 5  # template turns around the question
     assert plain.token_ids  # the question's tokens appear inside the templated ones
