@@ -286,10 +286,6 @@ class SpeedSplit:
     def share(self, address: str) -> float:
         return self.served.get(address, 0) / max(1, sum(self.served.values()))
 
-    def ideal(self, address: str) -> float:
-        """Share in proportion to measured speed: what placement by predicted completion aims at."""
-        return self.speeds[address] / sum(self.speeds.values())
-
 
 def best_split(step_s: dict[str, tuple[float, float]], per_wave: int) -> dict[str, float]:
     """Share of a wave of `per_wave` equal decodes on two workers that ends the wave soonest,
