@@ -3,6 +3,8 @@ one table at the end of the run (`make chaos`, or any pytest run that includes t
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,17 @@ def log_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "logs"
     folder.mkdir()
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _client_heap_frozen() -> Iterator[None]:
+    """The drills time the mesh from this process, whose heap holds whatever the run imported
+    and loaded before (torch, models): one full cycle collection over it took 150-190 ms, which
+    a drill would have read as the mesh's latency. Frozen while the drill runs, as each service
+    freezes its own startup heap, and handed back to the collector afterwards."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
