@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from services.common import heap
 from services.common.malformed import MalformedRequests
 from services.common.metrics import HandlerInterceptor, MetricsEndpoint, checked_first
+from services.common.serving import ServingSignal
 from services.common.telemetry import server_interceptors
 from services.common.tls import TlsConfig, server_credentials
 
@@ -82,6 +83,7 @@ class GrpcServer:
         collectors: Iterable[Collector] = (),
         tls: TlsConfig | None = None,
         interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+        serving: ServingSignal | None = None,
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -126,6 +128,8 @@ class GrpcServer:
         self._stopped = asyncio.Event()
         # The process's series plus this server's own (its load report); port 0 = off.
         self.metrics = MetricsEndpoint(host, metrics_port, collectors)
+        if serving is not None:
+            serving.subscribe(self.set_serving)
 
     async def start(self, serving: bool = True) -> None:
         await self.server.start()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -207,10 +208,9 @@ class Engine:
         unfinished = [*self._pending, *self._handles.values()]
         if self._task is not None:
             self._task.cancel()
-            try:
+            # A task that died has been logged (and reported) by `_task_done` already.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         gone = Unavailable("worker stopped before finishing the request")
         for handle in unfinished:
             handle.put(gone)
@@ -334,5 +334,12 @@ class Engine:
             return
         exc = task.exception()
         logger.error("engine task died", exc_info=exc)
+        # Nothing will step these again: end their streams now rather than at their deadlines,
+        # so a router moves them to another worker at once.
+        for handle in [*self._handles.values(), *self._pending]:
+            handle.put(Unavailable("worker engine stopped: retry on another worker"))
+        self._handles.clear()
+        self._seqs.clear()
+        self._pending.clear()
         if self._on_crash is not None and exc is not None:
             self._on_crash(exc)

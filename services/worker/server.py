@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
-from collections.abc import Coroutine
-from typing import Any
 
 from infermesh.worker.v1 import worker_pb2_grpc
 from services.common.metrics import LoadReportCollector
@@ -49,22 +46,11 @@ def build_server(config: WorkerConfig, service: WorkerService) -> GrpcServer:
         tls=TlsConfig.of(config),
         # The numbers StreamLoad sends the routers, read where it reads them.
         collectors=[LoadReportCollector(lambda: convert.load_to_pb(service.load_report()))],
+        # The probe's verdicts, an engine crash and a Drain turn this server's health.
+        serving=service.serving,
     )
     service.endpoint_id = config.endpoint_id or f"{socket.gethostname()}:{server.port}"
-    servicer.on_drain = lambda: server.set_serving(False)
-    # A dead engine can serve nothing: say so to health checks at once.
-    service.on_unhealthy = lambda: _spawn(server.set_serving(False))
-    service.on_health = server.set_serving
     return server
-
-
-_background: set[asyncio.Task[None]] = set()
-
-
-def _spawn(coro: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.create_task(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 async def serve(config: WorkerConfig) -> None:

@@ -12,7 +12,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from services.common.config import ConfigError
 from services.common.device import DeviceStats, device_stats, resolve_device, torch_dtype
 from services.common.errors import Unavailable
 from services.common.model_card import ModelCard
+from services.common.serving import ServingSignal
 from services.common.telemetry import Phases
 from services.worker.batch_runner import BatchRunner
 from services.worker.config import URGENT_PRIORITIES, WorkerConfig
@@ -85,9 +86,8 @@ class WorkerService:
             max_stop_strings=config.max_stop_strings,
         )
         self.endpoint_id = config.endpoint_id or f"{socket.gethostname()}:{config.port}"
-        self.on_unhealthy: Callable[[], None] | None = None
-        # Set by the server: turns health SERVING (True) or NOT_SERVING (False).
-        self.on_health: Callable[[bool], Awaitable[None]] | None = None
+        # SERVING (True) or NOT_SERVING (False), for every server built around this service.
+        self.serving = ServingSignal()
         self.engine = Engine(
             *build_batching(config, runner), on_crash=self._engine_crashed, executor=executor
         )
@@ -183,8 +183,9 @@ class WorkerService:
         return LoadSnapshot(self.endpoint_id, time.time(), (self.card,), self.device(), self.engine.load())
 
     async def drain(self) -> None:
-        """Refuse new work; in-flight requests go on."""
+        """Refuse new work and say so to health checks; in-flight requests go on."""
         self.engine.drain()
+        await self.serving.publish(False)
 
     async def drain_and_wait(self) -> None:
         """Shutdown: let in-flight work finish, then end the load streams so they do not hold the server."""
@@ -218,12 +219,11 @@ class WorkerService:
         )
 
     async def _report_health(self, serving: bool) -> None:
-        if self.on_health is not None:
-            await self.on_health(serving)
+        await self.serving.publish(serving)
 
     def _engine_crashed(self, exc: BaseException) -> None:
-        if self.on_unhealthy is not None:
-            self.on_unhealthy()
+        # A dead engine can serve nothing: say so to health checks at once.
+        self.serving.publish_soon(False)
 
 
 def build_batching(config: WorkerConfig, runner: ModelRunner) -> tuple[BatchRunner, Scheduler]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -25,7 +25,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, service: WorkerService) -> None:
         self.service = service
         # Set by the server once health exists: Drain turns health NOT_SERVING through it.
-        self.on_drain: Callable[[], Awaitable[None]] | None = None
 
     @grpc_errors
     async def Generate(
@@ -72,6 +71,4 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> worker_pb2.DrainResponse:
         logger.info("drain requested")
         await self.service.drain()
-        if self.on_drain is not None:
-            await self.on_drain()
         return worker_pb2.DrainResponse()

@@ -103,3 +103,31 @@ async def test_shutdown_ends_load_streams_instead_of_waiting_out_the_grace(
     await fresh_worker.server.stop(grace=5.0)
     await asyncio.wait_for(follower, 1.0)  # the stream ended cleanly, not by an error
     assert asyncio.get_running_loop().time() - started < 2.5
+
+
+async def test_an_engine_that_dies_turns_health_not_serving(
+    fresh_worker: RunningWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine's loop dying (here: its step accounting raises) reaches gRPC health through
+    the service's serving signal, with no drain or probe in between."""
+    assert await health_status(fresh_worker.channel) == health_pb2.HealthCheckResponse.SERVING
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("accounting fault")
+
+    monkeypatch.setattr(fresh_worker.service.engine, "_account", broken)
+    # The request in flight ends at once, UNAVAILABLE (a router retries it elsewhere), instead
+    # of hanging until its deadline.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        stream = fresh_worker.stub.Generate(
+            worker_pb2.GenerateRequest(messages=QUESTION, max_tokens=4), timeout=20
+        )
+        async for _ in stream:
+            pass
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    for _ in range(50):
+        if await health_status(fresh_worker.channel) == health_pb2.HealthCheckResponse.NOT_SERVING:
+            break
+        await asyncio.sleep(0.1)
+    assert await health_status(fresh_worker.channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not fresh_worker.service.engine.alive

@@ -54,13 +54,12 @@ async def test_health_probe_runs_a_token_through_the_real_engine(worker: Running
 
 async def test_probe_verdict_reaches_grpc_health(worker: RunningWorker) -> None:
     health = health_pb2_grpc.HealthStub(worker.channel)
-    assert worker.service.on_health is not None
     try:
-        await worker.service.on_health(False)
+        await worker.service.serving.publish(False)
         resp = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
-        await worker.service.on_health(True)
+        await worker.service.serving.publish(True)
     resp = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
