@@ -38,7 +38,7 @@ from services.router.config import RouterConfig  # noqa: E402
 
 # What the router (started with its defaults) runs of one batch job at a time; the hand-written
 # baseline keeps as many requests in flight, so the two compare like with like.
-CONCURRENCY = RouterConfig().batch_concurrency
+CONCURRENCY = RouterConfig().batch.concurrency
 
 
 def prompts(n: int, tokens: int) -> list[str]:

@@ -39,6 +39,40 @@ def setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def section(cls: type, doc: str) -> Any:
+    """A config field that is a section: a frozen dataclass of settings of its own, e.g. the
+    router's `quota`. Its settings keep flat names outside the code: `quota_tokens_per_minute`
+    in the environment (INFERMESH_ROUTER_QUOTA_TOKENS_PER_MINUTE), in overrides and at the top of
+    the service's TOML table, or `tokens_per_minute` under a `[router.quota]` table. A section's
+    own `check()` runs once its settings are read, before the service's."""
+    return dataclasses.field(default_factory=cls, metadata={"doc": doc, "section": cls})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flat:
+    """One setting as the outside names it: `name` is `<section>_<field>` for a section's."""
+
+    name: str
+    section: str | None
+    field: dataclasses.Field[Any]
+    hint: Any
+
+
+def _flat_settings(cls: type) -> dict[str, _Flat]:
+    hints = typing.get_type_hints(cls)
+    flat: dict[str, _Flat] = {}
+    for f in dataclasses.fields(cls):
+        inner = f.metadata.get("section")
+        if inner is None:
+            flat[f.name] = _Flat(f.name, None, f, hints[f.name])
+            continue
+        inner_hints = typing.get_type_hints(inner)
+        for g in dataclasses.fields(inner):
+            name = f"{f.name}_{g.name}"
+            flat[name] = _Flat(name, f.name, g, inner_hints[g.name])
+    return flat
+
+
 def _coerce(name: str, raw: Any, tp: Any) -> Any:
     """Turn a file or environment value into the field's declared type."""
     origin = typing.get_origin(tp)
@@ -126,44 +160,71 @@ def load_config(
             raise ConfigError(f"config file {str(path)!r}: [{service}] must be a table")
         values.update(section)
 
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    settings = _flat_settings(cls)
+    sections = {f.name for f in dataclasses.fields(cls) if "section" in f.metadata}  # type: ignore[arg-type]
+    values = _flatten(values, sections)
     for key in values:
-        if key not in fields:
-            raise ConfigError(f"{service}.{key}: unknown setting (known: {', '.join(sorted(fields))})")
-    for name in fields:
+        if key not in settings:
+            raise ConfigError(f"{service}.{key}: unknown setting (known: {', '.join(sorted(settings))})")
+    for name in settings:
         env_key = prefix + name.upper()
         if env_key in env:
             values[name] = env[env_key]
     if overrides:
-        for key, value in overrides.items():
-            if key not in fields:
+        for key, value in _flatten(dict(overrides), sections).items():
+            if key not in settings:
                 raise ConfigError(f"{service}.{key}: unknown setting")
             values[key] = value
 
     kwargs: dict[str, Any] = {}
+    inner: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for name, value in values.items():
+        flat = settings[name]
         qualified = f"{service}.{name}"
-        coerced = _coerce(qualified, value, hints[name])
-        _validate(qualified, coerced, fields[name].metadata)
-        kwargs[name] = coerced
-    for name, f in fields.items():
-        if name not in kwargs:
-            default = f.default if f.default is not dataclasses.MISSING else None
-            _validate(f"{service}.{name}", default, f.metadata)
+        coerced = _coerce(qualified, value, flat.hint)
+        _validate(qualified, coerced, flat.field.metadata)
+        if flat.section is None:
+            kwargs[name] = coerced
+        else:
+            inner[flat.section][flat.field.name] = coerced
+    for name, flat in settings.items():
+        if name not in values:
+            default = flat.field.default if flat.field.default is not dataclasses.MISSING else None
+            _validate(f"{service}.{name}", default, flat.field.metadata)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name, given in inner.items():
+        part = fields[name].metadata["section"](**given)
+        _check(part)
+        kwargs[name] = part
     config = cls(**kwargs)
-    check = getattr(config, "check", None)
-    if callable(check):
-        check()
+    _check(config)
     return config
 
 
+def _flatten(values: dict[str, Any], sections: set[str]) -> dict[str, Any]:
+    """`{"quota": {"tokens_per_minute": 5}}` (a TOML sub-table) as `{"quota_tokens_per_minute": 5}`."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in sections and isinstance(value, dict):
+            out.update({f"{key}_{name}": v for name, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _check(config: Any) -> None:
+    check = getattr(config, "check", None)
+    if callable(check):
+        check()
+
+
 def describe(cls: type) -> list[tuple[str, str, Any]]:
-    """(name, doc, default) for each field: for READMEs and --help."""
+    """(name, doc, default) for each setting, a section's by its flat name: for READMEs and --help."""
     out = []
-    for f in dataclasses.fields(cls):
+    for name, flat in _flat_settings(cls).items():
+        f = flat.field
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
-        out.append((f.name, f.metadata.get("doc", ""), default))
+        out.append((name, f.metadata.get("doc", ""), default))
     return out
 
 

@@ -17,7 +17,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -127,15 +126,6 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-@dataclass(frozen=True)
-class BatchLimits:
-    max_items: int
-    concurrency: int
-    item_timeout_s: float
-    item_attempts: int
-    lease_s: float
-
-
 class BatchService:
     """Validates and stores submitted jobs, runs the ones this replica claims, answers status."""
 
@@ -155,13 +145,7 @@ class BatchService:
         self.catalog = catalog
         self.replica_id = replica_id
         self.clock = clock
-        self.limits = BatchLimits(
-            max_items=config.batch_max_items,
-            concurrency=config.batch_concurrency,
-            item_timeout_s=config.batch_item_timeout_s,
-            item_attempts=config.batch_item_attempts,
-            lease_s=config.batch_lease_s,
-        )
+        self.limits = config.batch
         self._purged_at = float("-inf")
         self._tables = False
         self._wake = asyncio.Event()
@@ -198,7 +182,7 @@ class BatchService:
 
     async def _purge(self) -> None:
         """Drop finished jobs past their retention, at most once an hour per replica."""
-        days = self.config.batch_retention_days
+        days = self.limits.retention_days
         now = self.clock()
         if not days or now - self._purged_at < 3600:
             return
@@ -214,7 +198,7 @@ class BatchService:
             self._wake.clear()
             try:
                 await self._ensure_tables()
-                while len(self._running) < self.config.batch_jobs_per_replica:
+                while len(self._running) < self.limits.jobs_per_replica:
                     job = await self.store.claim(self.replica_id, self.clock(), self.limits.lease_s)
                     if job is None:
                         break

@@ -6,10 +6,125 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common import tls
-from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, setting
+from services.common.config import ConfigError, metrics_port_setting, otlp_endpoint_setting, section, setting
 from services.router.core.catalog import CatalogError, load_catalog
+from services.router.core.guardrails.policy import GuardrailConfig
 from services.router.core.quotas import QuotaLimits, QuotaSpecError, build_limits
 from services.router.core.rbac import RoleError, build_roles
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    """Per-tenant rate and token limits (`quota_*` outside the code)."""
+
+    requests_per_s: int = setting(0, "Requests per second each tenant may send (0 = no limit).", min=0)
+    tokens_per_minute: int = setting(
+        0,
+        "Tokens (prompt + generated) per minute each tenant may use (0 = no limit); a request reserves "
+        "prompt + max_tokens before it runs and is refused when that would pass the limit.",
+        min=0,
+    )
+    token_budget: int = setting(0, "Tokens each tenant may use per budget period (0 = no limit).", min=0)
+    budget_period_s: int = setting(86_400, "Length of the token budget period.", min=1)
+    overrides: list[str] = setting(
+        [],
+        "Per-tenant quotas, each 'tenant:tokens_per_minute=N:token_budget=N:requests_per_s=N"
+        ":budget_period_s=N' (fields left out keep the defaults above).",
+    )
+    redis_url: str = setting(
+        "",
+        "Redis shared by the router replicas for quota counters; empty counts in this replica only. "
+        "While Redis is away each replica counts locally (infermesh_router_quota_fallback_total).",
+    )
+    redis_prefix: str = setting("infermesh:quota", "Prefix of the quota counters' Redis keys.")
+    redis_timeout_s: float = setting(
+        0.1, "Bound on each quota call to Redis; slower calls fall back to local counting.", min=0.001, max=10
+    )
+
+    def base(self) -> QuotaLimits:
+        """The limits of a tenant without an override."""
+        return QuotaLimits(
+            requests_per_s=self.requests_per_s,
+            tokens_per_minute=self.tokens_per_minute,
+            token_budget=self.token_budget,
+            budget_period_s=self.budget_period_s,
+        )
+
+    def by_tenant(self) -> dict[str, QuotaLimits]:
+        return build_limits(self.base(), self.overrides)
+
+    def check(self) -> None:
+        try:
+            self.by_tenant()
+        except QuotaSpecError as exc:
+            raise ConfigError(f"router.quota_overrides: {exc}") from None
+        redis_scheme = self.redis_url.split("://", 1)[0]
+        if self.redis_url and redis_scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"router.quota_redis_url scheme {redis_scheme!r}: must be redis, rediss or unix"
+            )
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """Input and output guardrails (`guard_*` outside the code)."""
+
+    max_input_chars: int = setting(
+        0, "Longest input (all messages and prompt together, in characters); 0 = no limit.", min=0
+    )
+    prompt_injection: bool = setting(
+        False, "Refuse user and tool turns that the prompt-injection detector flags (INVALID_ARGUMENT)."
+    )
+    pii_input: bool = setting(
+        False, "Redact e-mail, phone, IBAN, card numbers and API-key-like secrets in the input."
+    )
+    pii_output: bool = setting(
+        False, "Redact the same in generated text (streamed text is held back a little for it)."
+    )
+
+    def policy(self) -> GuardrailConfig:
+        return GuardrailConfig(
+            max_input_chars=self.max_input_chars,
+            injection=self.prompt_injection,
+            pii_input=self.pii_input,
+            pii_output=self.pii_output,
+        )
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """Batch jobs and the BATCH priority class (`batch_*` outside the code)."""
+
+    store_url: str = setting(
+        "sqlite+aiosqlite://",
+        "SQLAlchemy URL of the batch job store. The default keeps jobs in this replica's memory "
+        "(lost when it stops); postgresql+asyncpg://user@host/db shares them between replicas, which "
+        "then answer for each other's jobs and take over those of a replica that died; "
+        "sqlite+aiosqlite:///file keeps them across restarts of a single router.",
+    )
+    max_items: int = setting(50_000, "Most requests one batch job may carry.", min=1)
+    concurrency: int = setting(
+        16, "Requests of one batch job this replica runs at a time (all at BATCH priority).", min=1
+    )
+    jobs_per_replica: int = setting(2, "Batch jobs one replica runs at a time.", min=1)
+    item_timeout_s: float = setting(600.0, "Deadline of each batch request, queue wait included.", min=1.0)
+    item_attempts: int = setting(
+        5, "Tries of a batch request answered UNAVAILABLE or RESOURCE_EXHAUSTED before it fails.", min=1
+    )
+    retention_days: int = setting(
+        7,
+        "Finished batch jobs and their results are deleted this many days after they end (0 keeps them).",
+        min=0,
+    )
+    lease_s: float = setting(
+        30.0,
+        "How long a replica's claim on a running batch job lasts; it is renewed three times as often, "
+        "and a claim not renewed in time lets another replica take the job over.",
+        min=0.1,
+    )
+    hold_max_s: float = setting(
+        30.0, "Longest a BATCH request is held back while the ladder holds BATCH.", min=0
+    )
 
 
 @dataclass(frozen=True)
@@ -155,9 +270,6 @@ class RouterConfig:
     reply_cache_entries: int = setting(
         1024, "Replies of deterministic requests kept for the cached-reply step (0 = none).", min=0
     )
-    batch_hold_max_s: float = setting(
-        30.0, "Longest a BATCH request is held back while the ladder holds BATCH.", min=0
-    )
     catalog_file: str = setting(
         "",
         "TOML model catalog ([[model]] tables: id, tier, context_length, device, min_memory_gb, "
@@ -168,6 +280,10 @@ class RouterConfig:
         [512, 2048],
         "Prompt tokens from which model 'auto' calls for the medium, then the large tier.",
     )
+
+    quota: QuotaSettings = section(QuotaSettings, "Per-tenant rate and token limits.")
+    guard: GuardSettings = section(GuardSettings, "Input and output guardrails.")
+    batch: BatchSettings = section(BatchSettings, "Batch jobs and the BATCH priority class.")
 
     auth_enabled: bool = setting(
         False,
@@ -186,73 +302,6 @@ class RouterConfig:
         "'name:rpcs=inference,sessions:models=m1,m2:priorities=standard,batch' (rpcs: inference, "
         "sessions, batches, status, admin; '*' = all). Built in: admin, user, batch, reader.",
     )
-    quota_requests_per_s: int = setting(0, "Requests per second each tenant may send (0 = no limit).", min=0)
-    quota_tokens_per_minute: int = setting(
-        0,
-        "Tokens (prompt + generated) per minute each tenant may use (0 = no limit); a request reserves "
-        "prompt + max_tokens before it runs and is refused when that would pass the limit.",
-        min=0,
-    )
-    quota_token_budget: int = setting(
-        0, "Tokens each tenant may use per budget period (0 = no limit).", min=0
-    )
-    quota_budget_period_s: int = setting(86_400, "Length of the token budget period.", min=1)
-    quota_overrides: list[str] = setting(
-        [],
-        "Per-tenant quotas, each 'tenant:tokens_per_minute=N:token_budget=N:requests_per_s=N"
-        ":budget_period_s=N' (fields left out keep the defaults above).",
-    )
-    quota_redis_url: str = setting(
-        "",
-        "Redis shared by the router replicas for quota counters; empty counts in this replica only. "
-        "While Redis is away each replica counts locally (infermesh_router_quota_fallback_total).",
-    )
-    quota_redis_prefix: str = setting("infermesh:quota", "Prefix of the quota counters' Redis keys.")
-    quota_redis_timeout_s: float = setting(
-        0.1, "Bound on each quota call to Redis; slower calls fall back to local counting.", min=0.001, max=10
-    )
-    guard_max_input_chars: int = setting(
-        0, "Longest input (all messages and prompt together, in characters); 0 = no limit.", min=0
-    )
-    guard_prompt_injection: bool = setting(
-        False, "Refuse user and tool turns that the prompt-injection detector flags (INVALID_ARGUMENT)."
-    )
-    guard_pii_input: bool = setting(
-        False, "Redact e-mail, phone, IBAN, card numbers and API-key-like secrets in the input."
-    )
-    guard_pii_output: bool = setting(
-        False, "Redact the same in generated text (streamed text is held back a little for it)."
-    )
-
-    batch_store_url: str = setting(
-        "sqlite+aiosqlite://",
-        "SQLAlchemy URL of the batch job store. The default keeps jobs in this replica's memory "
-        "(lost when it stops); postgresql+asyncpg://user@host/db shares them between replicas, which "
-        "then answer for each other's jobs and take over those of a replica that died; "
-        "sqlite+aiosqlite:///file keeps them across restarts of a single router.",
-    )
-    batch_max_items: int = setting(50_000, "Most requests one batch job may carry.", min=1)
-    batch_concurrency: int = setting(
-        16, "Requests of one batch job this replica runs at a time (all at BATCH priority).", min=1
-    )
-    batch_jobs_per_replica: int = setting(2, "Batch jobs one replica runs at a time.", min=1)
-    batch_item_timeout_s: float = setting(
-        600.0, "Deadline of each batch request, queue wait included.", min=1.0
-    )
-    batch_item_attempts: int = setting(
-        5, "Tries of a batch request answered UNAVAILABLE or RESOURCE_EXHAUSTED before it fails.", min=1
-    )
-    batch_retention_days: int = setting(
-        7,
-        "Finished batch jobs and their results are deleted this many days after they end (0 keeps them).",
-        min=0,
-    )
-    batch_lease_s: float = setting(
-        30.0,
-        "How long a replica's claim on a running batch job lasts; it is renewed three times as often, "
-        "and a claim not renewed in time lets another replica take the job over.",
-        min=0.1,
-    )
 
     def check(self) -> None:
         tls.TlsConfig.of(self).check("router")
@@ -270,15 +319,6 @@ class RouterConfig:
             build_roles(self.roles)
         except RoleError as exc:
             raise ConfigError(f"router.roles: {exc}") from None
-        try:
-            build_limits(QuotaLimits(), self.quota_overrides)
-        except QuotaSpecError as exc:
-            raise ConfigError(f"router.quota_overrides: {exc}") from None
-        redis_scheme = self.quota_redis_url.split("://", 1)[0]
-        if self.quota_redis_url and redis_scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(
-                f"router.quota_redis_url scheme {redis_scheme!r}: must be redis, rediss or unix"
-            )
         if self.catalog_file:
             try:
                 load_catalog(self.catalog_file)

@@ -146,7 +146,7 @@ class Pipeline:
             ReplyCache(config.reply_cache_entries),
             endpoints.cluster,
             queue.queued_tokens,
-            max_hold_s=config.batch_hold_max_s,
+            max_hold_s=config.batch.hold_max_s,
             clock=endpoints.clock,
         )
 

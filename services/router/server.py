@@ -19,10 +19,8 @@ from services.router.call_guard import CallGuard
 from services.router.config import RouterConfig
 from services.router.core.catalog import load_catalog
 from services.router.core.domain import EndpointKind
-from services.router.core.guardrails.policy import GuardrailConfig
 from services.router.core.load import LoadModel, Priors
 from services.router.core.placement import create_placement_policy
-from services.router.core.quotas import QuotaLimits, build_limits
 from services.router.core.rbac import build_roles
 from services.router.discovery import Discovery, split_addresses
 from services.router.endpoints import EndpointMonitor, channel_options
@@ -44,36 +42,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     warming up by the time the server answers; the router serves even before any worker
     is known (Generate then answers UNAVAILABLE)."""
     tls = TlsConfig.of(config)
-    load_model = LoadModel(
-        Priors(
-            decode_tokens_per_s=config.prior_decode_tokens_per_s,
-            prefill_tokens_per_s=config.prior_prefill_tokens_per_s,
-            tokens_per_sequence=config.default_max_tokens,
-        ),
-        streams_per_worker=config.max_streams_per_worker,
-        headroom_share=config.priority_headroom,
-    )
-    endpoints = EndpointMonitor(
-        tls=tls,
-        workers=split_addresses(config.worker_addresses)[0],
-        embedders=split_addresses(config.embedder_addresses)[0],
-        report_interval_ms=config.load_report_interval_ms,
-        stale_after_s=config.endpoint_stale_s,
-        rpc_timeout_s=config.downstream_timeout_s,
-        backoff_max_s=config.reconnect_backoff_max_s,
-        policy=create_placement_policy(
-            config.placement_policy,
-            load_model,
-            config.affinity_factor,
-            session_affinity=config.session_affinity,
-        ),
-        load_model=load_model,
-        waiting_window_s=config.overload_window_s,
-        eject_after_errors=config.eject_after_errors,
-        eject_s=config.eject_s,
-    )
-    if config.catalog_file:
-        endpoints.registry.configure_models(load_catalog(config.catalog_file))
+    endpoints = create_endpoints(config, tls)
     sessions = None
     governance = None
     if config.session_address:
@@ -91,13 +60,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     )
     sink = AuditSink(governance, timeout_s=config.downstream_timeout_s)
     quotas = create_quotas(config)
-    guardrails = GuardrailConfig(
-        max_input_chars=config.guard_max_input_chars,
-        injection=config.guard_prompt_injection,
-        pii_input=config.guard_pii_input,
-        pii_output=config.guard_pii_output,
-    )
-    guard = CallGuard(guardrails, quotas, sink)
+    guard = CallGuard(config.guard.policy(), quotas, sink)
     auth = Authenticator(
         resolver,
         sink,
@@ -153,21 +116,51 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     return server
 
 
+def create_endpoints(config: RouterConfig, tls: TlsConfig) -> EndpointMonitor:
+    """The endpoint monitor (registry, placement, the one load model), not started."""
+    load_model = LoadModel(
+        Priors(
+            decode_tokens_per_s=config.prior_decode_tokens_per_s,
+            prefill_tokens_per_s=config.prior_prefill_tokens_per_s,
+            tokens_per_sequence=config.default_max_tokens,
+        ),
+        streams_per_worker=config.max_streams_per_worker,
+        headroom_share=config.priority_headroom,
+    )
+    endpoints = EndpointMonitor(
+        tls=tls,
+        workers=split_addresses(config.worker_addresses)[0],
+        embedders=split_addresses(config.embedder_addresses)[0],
+        report_interval_ms=config.load_report_interval_ms,
+        stale_after_s=config.endpoint_stale_s,
+        rpc_timeout_s=config.downstream_timeout_s,
+        backoff_max_s=config.reconnect_backoff_max_s,
+        policy=create_placement_policy(
+            config.placement_policy,
+            load_model,
+            config.affinity_factor,
+            session_affinity=config.session_affinity,
+        ),
+        load_model=load_model,
+        waiting_window_s=config.overload_window_s,
+        eject_after_errors=config.eject_after_errors,
+        eject_s=config.eject_s,
+    )
+    if config.catalog_file:
+        endpoints.registry.configure_models(load_catalog(config.catalog_file))
+    return endpoints
+
+
 def create_quotas(config: RouterConfig) -> Quotas:
-    base = QuotaLimits(
-        requests_per_s=config.quota_requests_per_s,
-        tokens_per_minute=config.quota_tokens_per_minute,
-        token_budget=config.quota_token_budget,
-        budget_period_s=config.quota_budget_period_s,
-    )
+    settings = config.quota
     quotas = Quotas(
-        base,
-        build_limits(base, config.quota_overrides),
-        redis_url=config.quota_redis_url,
-        prefix=config.quota_redis_prefix,
-        timeout_s=config.quota_redis_timeout_s,
+        settings.base(),
+        settings.by_tenant(),
+        redis_url=settings.redis_url,
+        prefix=settings.redis_prefix,
+        timeout_s=settings.redis_timeout_s,
     )
-    if quotas.enabled and not config.quota_redis_url:
+    if quotas.enabled and not settings.redis_url:
         logger.warning("quotas are counted by this replica alone (quota_redis_url is empty)")
     return quotas
 

@@ -46,7 +46,7 @@ class InferenceServicer(router_pb2_grpc.InferenceServicer):
         self.router_id = router_id
         self.guard = call_guard
         self.pipeline = Pipeline(config, endpoints, sessions, call_guard)
-        store = BatchStore(create_store_engine(config.batch_store_url))
+        store = BatchStore(create_store_engine(config.batch.store_url))
         self.batches = BatchService(config, store, self.pipeline, endpoints.registry.catalog, router_id)
 
     @grpc_errors

@@ -41,3 +41,41 @@ def test_bad_values_are_named(overrides: dict[str, object], message: str) -> Non
     with pytest.raises(ConfigError) as err:
         load_config(RouterConfig, "router", env={}, overrides=overrides)
     assert message in str(err.value)
+
+
+def test_sections_read_the_same_setting_from_each_source(tmp_path: pytest.TempPathFactory) -> None:
+    """A section's setting keeps its flat name in the environment and in overrides, and may sit
+    under its own TOML table or flat in [router]; later sources win, as for any setting."""
+    toml = tmp_path / "router.toml"  # type: ignore[operator]
+    toml.write_text(
+        "[router]\nguard_pii_output = true\n[router.quota]\ntokens_per_minute = 100\nrequests_per_s = 3\n"
+        "[router.batch]\nconcurrency = 4\n"
+    )
+    config = load_config(
+        RouterConfig,
+        "router",
+        path=toml,
+        env={"INFERMESH_ROUTER_QUOTA_REQUESTS_PER_S": "7"},
+        overrides={"batch_lease_s": 2.5},
+    )
+    assert config.quota.tokens_per_minute == 100  # file, sub-table
+    assert config.quota.requests_per_s == 7  # environment over file
+    assert config.guard.pii_output is True and config.guard.policy().pii_output  # file, flat
+    assert (config.batch.concurrency, config.batch.lease_s) == (4, 2.5)  # file, override
+    assert config.quota.base().tokens_per_minute == 100
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"quota_tokens_per_minute": -1}, "router.quota_tokens_per_minute=-1: must be >= 0"),
+        ({"quota": {"redis_url": "http://x"}}, "router.quota_redis_url scheme 'http': must be redis"),
+        ({"quota_overrides": ["acme:tokens_per_minute=x"]}, "router.quota_overrides:"),
+        ({"batch_concurrency": 0}, "router.batch_concurrency=0: must be >= 1"),
+        ({"quota": {"tokens_per_hour": 5}}, "router.quota_tokens_per_hour: unknown setting"),
+    ],
+)
+def test_bad_section_values_are_named_by_their_flat_names(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(RouterConfig, "router", env={}, overrides=overrides)
+    assert message in str(err.value)
