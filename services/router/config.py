@@ -128,6 +128,49 @@ class BatchSettings:
 
 
 @dataclass(frozen=True)
+class PriorSettings:
+    """What the load model assumes of an endpoint before it reports (`prior_*` outside the code)."""
+
+    decode_tokens_per_s: float = setting(
+        50.0, "Decode speed assumed for an endpoint until it reports its own.", min=0.001
+    )
+    prefill_tokens_per_s: float = setting(
+        500.0, "Prefill speed assumed for an endpoint until it reports its own.", min=0.001
+    )
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    """The admission queue (`queue_*` outside the code)."""
+
+    policy: str = setting(
+        "priority",
+        "Admission queue order: priority (classes, deadlines, fair share) or fcfs.",
+        choices=["priority", "fcfs"],
+    )
+    aging_s: float = setting(
+        30.0, "Seconds of waiting that lift a queued request one priority class (up to INTERACTIVE).", min=0.1
+    )
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """API key authentication (`auth_*` outside the code; the roles are `roles`)."""
+
+    enabled: bool = setting(
+        False,
+        "Require an API key (authorization: Bearer <key> or x-api-key metadata) on every public RPC "
+        "except health and reflection. Off: every caller is tenant 'default' with the admin role.",
+    )
+    cache_s: float = setting(
+        5.0,
+        "How long a key's record is cached; a revoked key stops working on other replicas within this.",
+        min=0.0,
+        max=3600,
+    )
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     host: str = setting("127.0.0.1", "Interface the public gRPC API listens on.")
     port: int = setting(50051, "Port of the public gRPC API; 0 picks a free one.", min=0, max=65535)
@@ -197,12 +240,7 @@ class RouterConfig:
         "least_loaded: fewest sequences.",
         choices=["predicted_time", "least_loaded"],
     )
-    prior_decode_tokens_per_s: float = setting(
-        50.0, "Decode speed assumed for an endpoint until it reports its own.", min=0.001
-    )
-    prior_prefill_tokens_per_s: float = setting(
-        500.0, "Prefill speed assumed for an endpoint until it reports its own.", min=0.001
-    )
+    prior: PriorSettings = section(PriorSettings, "Speeds assumed before an endpoint reports.")
     affinity_factor: float = setting(
         1.5,
         "A session stays on the endpoint that served it (prefix cache) unless its predicted "
@@ -230,14 +268,7 @@ class RouterConfig:
         min=0,
         max=4,
     )
-    queue_policy: str = setting(
-        "priority",
-        "Admission queue order: priority (classes, deadlines, fair share) or fcfs.",
-        choices=["priority", "fcfs"],
-    )
-    queue_aging_s: float = setting(
-        30.0, "Seconds of waiting that lift a queued request one priority class (up to INTERACTIVE).", min=0.1
-    )
+    queue: QueueSettings = section(QueueSettings, "The admission queue.")
     eject_s: float = setting(
         5.0, "How long an ejected endpoint gets no requests before one probes it again.", min=0.01
     )
@@ -285,17 +316,7 @@ class RouterConfig:
     guard: GuardSettings = section(GuardSettings, "Input and output guardrails.")
     batch: BatchSettings = section(BatchSettings, "Batch jobs and the BATCH priority class.")
 
-    auth_enabled: bool = setting(
-        False,
-        "Require an API key (authorization: Bearer <key> or x-api-key metadata) on every public RPC "
-        "except health and reflection. Off: every caller is tenant 'default' with the admin role.",
-    )
-    auth_cache_s: float = setting(
-        5.0,
-        "How long a key's record is cached; a revoked key stops working on other replicas within this.",
-        min=0.0,
-        max=3600,
-    )
+    auth: AuthSettings = section(AuthSettings, "API key authentication.")
     roles: list[str] = setting(
         [],
         "Extra or overriding roles, each "
@@ -313,7 +334,7 @@ class RouterConfig:
                 raise ConfigError(f"router.{name}={addresses!r}: addresses must be distinct")
         if self.session_address:
             _check_address("router.session_address", self.session_address)
-        if self.auth_enabled and not self.session_address:
+        if self.auth.enabled and not self.session_address:
             raise ConfigError("router.auth_enabled=true: needs session_address (API keys live there)")
         try:
             build_roles(self.roles)

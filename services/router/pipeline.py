@@ -129,7 +129,7 @@ class Pipeline:
             max_request_id_chars=config.max_request_id_chars,
         )
         queue = create_request_queue(
-            config.queue_policy, QueueConfig(aging_s=config.queue_aging_s), endpoints.cluster
+            config.queue.policy, QueueConfig(aging_s=config.queue.aging_s), endpoints.cluster
         )
         self.admission = Admission(queue, endpoints.clock)
         self.failover = Failover(

@@ -56,7 +56,7 @@ async def create_server(config: RouterConfig) -> GrpcServer:
         governance = governance_pb2_grpc.GovernanceStub(channel)
     roles = build_roles(config.roles)
     resolver = KeyResolver(
-        governance, roles, cache_s=config.auth_cache_s, timeout_s=config.downstream_timeout_s
+        governance, roles, cache_s=config.auth.cache_s, timeout_s=config.downstream_timeout_s
     )
     sink = AuditSink(governance, timeout_s=config.downstream_timeout_s)
     quotas = create_quotas(config)
@@ -64,10 +64,10 @@ async def create_server(config: RouterConfig) -> GrpcServer:
     auth = Authenticator(
         resolver,
         sink,
-        enabled=config.auth_enabled,
+        enabled=config.auth.enabled,
         anonymous=Principal(DEFAULT_TENANT, roles["admin"]),
     )
-    if config.auth_enabled:
+    if config.auth.enabled:
         logger.info("authentication on: every public RPC needs an API key")
     else:
         logger.warning(
@@ -120,8 +120,8 @@ def create_endpoints(config: RouterConfig, tls: TlsConfig) -> EndpointMonitor:
     """The endpoint monitor (registry, placement, the one load model), not started."""
     load_model = LoadModel(
         Priors(
-            decode_tokens_per_s=config.prior_decode_tokens_per_s,
-            prefill_tokens_per_s=config.prior_prefill_tokens_per_s,
+            decode_tokens_per_s=config.prior.decode_tokens_per_s,
+            prefill_tokens_per_s=config.prior.prefill_tokens_per_s,
             tokens_per_sequence=config.default_max_tokens,
         ),
         streams_per_worker=config.max_streams_per_worker,
