@@ -3,6 +3,11 @@
 A request takes a slot before it is dispatched and holds it until its stream ends. While
 the workers have free slots nothing waits; once they are full, requests wait in the queue
 and are let through in its order as slots free up, or refused by it with a pushback.
+
+A BATCH request the degradation ladder holds back waits here too, in the same single wait
+(one future, one deadline): held apart until the ladder lets BATCH go, then queued in its
+turn. It is never held past `max_hold_s`, nor past the point where its reply could still
+reach its caller in time.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Protocol
 
 from services.common.errors import ResourceExhausted
 from services.common.telemetry import span
@@ -26,11 +32,47 @@ logger = logging.getLogger(__name__)
 # A queued request gives up this long before its deadline at least, so its refusal (with a
 # pushback) reaches the caller before the caller's own deadline does.
 _REPLY_MARGIN_S = 0.1
+# How often held requests ask the ladder again: the load falls with the workers' reports,
+# which no slot release here announces.
+HOLD_POLL_S = 0.1
+
+
+class Verdict(Protocol):
+    @property
+    def wait_s(self) -> float: ...
+    @property
+    def hold(self) -> bool: ...
+    @property
+    def refuse(self) -> bool: ...
+    @property
+    def retry_after_ms(self) -> int: ...
+
+
+class BatchHold(Protocol):
+    """What admission asks while it holds BATCH back (the overload ladder answers)."""
+
+    max_hold_s: float
+
+    def batch_verdict(self) -> Verdict: ...
+
+
+@dataclass
+class _Held:
+    request: QueuedRequest
+    since: float
 
 
 class Admission:
-    def __init__(self, queue: RequestQueue, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        queue: RequestQueue,
+        clock: Callable[[], float] = time.monotonic,
+        hold: BatchHold | None = None,
+    ) -> None:
         self.queue = queue
+        self.hold = hold
+        self._held: dict[str, _Held] = {}
+        self._hold_task: asyncio.Task[None] | None = None
         # The load model's view of the workers, the same the queue turns tokens into seconds with.
         self.capacity = queue.load
         self.clock = clock
@@ -39,18 +81,22 @@ class Admission:
         self._keys = itertools.count()
 
     @asynccontextmanager
-    async def slot(self, request: QueuedRequest, timeout_s: float | None) -> AsyncIterator[None]:
-        """Hold a slot for the body; wait for one in the queue when all are taken."""
+    async def slot(
+        self, request: QueuedRequest, timeout_s: float | None, *, held: bool = False
+    ) -> AsyncIterator[None]:
+        """Hold a slot for the body; wait for one in the queue when all are taken, or (`held`:
+        the ladder holds BATCH back) until the ladder lets it go and a slot is free."""
         capacity = self.capacity()
+        held = held and self.hold is not None
         # No usable worker at all: let dispatch say so (UNAVAILABLE) instead of queueing.
-        if capacity.slots <= 0 or self._free(request.priority, capacity):
+        if not held and (capacity.slots <= 0 or self._free(request.priority, capacity)):
             self.inflight += 1
             QUEUE_WAIT.labels(priority_label(request.priority)).observe(0)
         else:
             started = self.clock()
             try:
                 with span("queue wait", priority=request.priority.name):
-                    await self._wait(request, capacity, timeout_s)
+                    await self._wait(request, capacity, timeout_s, held)
             finally:
                 QUEUE_WAIT.labels(priority_label(request.priority)).observe(self.clock() - started)
         try:
@@ -69,10 +115,18 @@ class Admission:
             and not self.queue.queued_tokens(priority)
         )
 
-    async def _wait(self, request: QueuedRequest, capacity: ClusterLoad, timeout_s: float | None) -> None:
+    async def _wait(
+        self, request: QueuedRequest, capacity: ClusterLoad, timeout_s: float | None, held: bool
+    ) -> None:
         # Keyed apart from the request id: callers may reuse theirs.
         key = f"{next(self._keys)}"
-        self.queue.push(replace(request, request_id=key), self.clock())
+        keyed = replace(request, request_id=key)
+        if held:
+            self._held[key] = _Held(keyed, self.clock())
+            if self._hold_task is None or self._hold_task.done():
+                self._hold_task = asyncio.get_running_loop().create_task(self._poll_held())
+        else:
+            self.queue.push(keyed, self.clock())
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[key] = waiter
         max_wait_s = self.queue.config.limits[request.priority].max_wait_s
@@ -94,7 +148,10 @@ class Admission:
         finally:
             self._waiters.pop(key, None)
         if not waiter.done():
+            still_held = self._held.pop(key, None)
             self._give_up(key, waiter)
+            if still_held is not None:
+                raise self._held_too_long(self.clock() - still_held.since)
             if give_up_s is not None and give_up_s <= max_wait_s:
                 waited = max(0.0, give_up_s)
                 raise ResourceExhausted(
@@ -106,6 +163,7 @@ class Admission:
         waiter.result()  # raises the queue's refusal for requests that waited too long
 
     def _give_up(self, key: str, waiter: asyncio.Future[None]) -> None:
+        self._held.pop(key, None)
         if self.queue.remove(key) or not waiter.done():
             waiter.cancel()
         elif not waiter.cancelled() and waiter.exception() is None:
@@ -126,6 +184,53 @@ class Admission:
                 continue
             self.inflight += 1
             waiter.set_result(None)
+
+    async def _poll_held(self) -> None:
+        while self._held:
+            await asyncio.sleep(HOLD_POLL_S)
+            self._release_held()
+
+    def _release_held(self) -> None:
+        """Ask the ladder again: queue what it lets go, refuse what it now refuses or what was
+        held for `max_hold_s`."""
+        assert self.hold is not None
+        verdict = self.hold.batch_verdict()
+        now = self.clock()
+        for key, held in list(self._held.items()):
+            waiter = self._waiters.get(key)
+            if waiter is None or waiter.done():
+                del self._held[key]
+                continue
+            if verdict.refuse:
+                del self._held[key]
+                waiter.set_exception(
+                    ResourceExhausted(
+                        f"overloaded: predicted wait {verdict.wait_s:.1f}s; BATCH requests are "
+                        "refused until it falls",
+                        verdict.retry_after_ms,
+                    )
+                )
+            elif verdict.hold:
+                if now - held.since + HOLD_POLL_S > self.hold.max_hold_s:
+                    del self._held[key]
+                    waiter.set_exception(self._held_too_long(now - held.since, verdict))
+            else:
+                del self._held[key]
+                try:
+                    self.queue.push(held.request, now)
+                except ResourceExhausted as exc:
+                    waiter.set_exception(exc)
+        self._pump()
+
+    def _held_too_long(self, held_s: float, verdict: Verdict | None = None) -> ResourceExhausted:
+        assert self.hold is not None
+        verdict = verdict or self.hold.batch_verdict()
+        SHED.labels("batch", "held").inc()
+        return ResourceExhausted(
+            f"overloaded: predicted wait {verdict.wait_s:.1f}s; BATCH held back for {held_s:.1f}s "
+            "and its time is up",
+            verdict.retry_after_ms,
+        )
 
     def _too_long(self, queue_name: str, waited_s: float) -> ResourceExhausted:
         SHED.labels(queue_name.lower(), "max_wait").inc()

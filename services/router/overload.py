@@ -2,29 +2,26 @@
 
 Asks the load model (`core/load.py`) how long a new request of each class would wait (the
 work queued at the workers and ahead of it in this router's queue), asks the ladder what a
-request gets, holds BATCH back while the ladder
-says so (never past the request's deadline), refuses with a pushback, and keeps the replies
+request gets, marks BATCH as held while the ladder says so (admission holds it, within the
+request's one wait), refuses with a pushback, and keeps the replies
 of deterministic requests for the cached-reply rung.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from services.common.errors import ResourceExhausted
 from services.router.core.domain import Degradation, Delta, ModelSpec, Usage, WorkerRequest
-from services.router.core.ladder import Ladder, LadderConfig, RequestFacts, fallback_model
+from services.router.core.ladder import Ladder, LadderConfig, RequestFacts, Rung, fallback_model
 from services.router.core.load import ClusterLoad
 from services.router.core.queues import Priority
 from services.router.core.reply_cache import CachedReply, ReplyCache, reply_key
 from services.router.failover import Relayed
 
 logger = logging.getLogger(__name__)
-
-_HOLD_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -36,6 +33,15 @@ class Plan:
     steps: tuple[Degradation, ...] = ()
     cached: CachedReply | None = None  # answer with this instead of a worker
     cache_key: str | None = None  # where its reply is kept (deterministic requests only)
+    held: bool = False  # BATCH held back: admission keeps it until the ladder lets BATCH go
+
+
+@dataclass(frozen=True)
+class HoldVerdict:
+    wait_s: float  # the predicted wait it was judged at
+    hold: bool
+    refuse: bool
+    retry_after_ms: int
 
 
 def _key(request: WorkerRequest, model: str, max_tokens: int) -> str:
@@ -54,15 +60,13 @@ class Overload:
         ahead: Callable[[Priority], int],
         *,
         max_hold_s: float,
-        clock: Callable[[], float],
     ) -> None:
         self.ladders = {priority: Ladder(config) for priority in Priority}
         self.config = config
         self.cache = cache
         self.cluster = cluster
         self.ahead = ahead  # tokens queued in this router that a request of a class waits behind
-        self.max_hold_s = max_hold_s
-        self.clock = clock
+        self.max_hold_s = max_hold_s  # the longest admission holds BATCH back
 
     async def plan(
         self,
@@ -75,8 +79,8 @@ class Overload:
         prompt_tokens: int,
         remaining: Callable[[], float | None],
     ) -> Plan:
-        """The ladder's verdict for `request`: RESOURCE_EXHAUSTED with pushback when refused,
-        held (asleep) while BATCH is held back."""
+        """The ladder's verdict for `request`: RESOURCE_EXHAUSTED with pushback when refused;
+        `Plan.held` when BATCH is held back (it then waits in admission, its one wait)."""
         repeatable = request.sampling.deterministic
         max_tokens = request.max_tokens
         capped = min(max_tokens, self.config.capped_max_tokens)
@@ -94,30 +98,16 @@ class Overload:
             cached=any(k in self.cache for k in keys),
         )
         ladder = self.ladders[priority]
-        started = self.clock()
-        while True:
-            load = self.cluster()
-            ahead = self.ahead(priority)
-            wait = load.wait_s(ahead)
-            decision = ladder.decide(facts, wait)
-            if decision.refuse_retry_after_ms is not None:
-                raise ResourceExhausted(
-                    f"overloaded: predicted wait {wait:.1f}s; {priority.name} requests are "
-                    "refused until it falls",
-                    decision.refuse_retry_after_ms,
-                )
-            if not decision.hold:
-                break
-            held = self.clock() - started
-            left = remaining()
-            budget = self.max_hold_s if left is None else min(self.max_hold_s, held + left - _HOLD_POLL_S)
-            if held + _HOLD_POLL_S > budget:
-                raise ResourceExhausted(
-                    f"overloaded: predicted wait {wait:.1f}s; BATCH held back for {held:.1f}s "
-                    "and its time is up",
-                    ladder.retry_after_ms(wait),
-                )
-            await asyncio.sleep(_HOLD_POLL_S)
+        load = self.cluster()
+        ahead = self.ahead(priority)
+        wait = load.wait_s(ahead)
+        decision = ladder.decide(facts, wait)
+        if decision.refuse_retry_after_ms is not None:
+            raise ResourceExhausted(
+                f"overloaded: predicted wait {wait:.1f}s; {priority.name} requests are "
+                "refused until it falls",
+                decision.refuse_retry_after_ms,
+            )
         left = remaining()
         # Refused up front only when it would still be waiting when its caller gives up: its
         # own cost is not known here (max_tokens is a cap, most replies stop well short of it,
@@ -136,7 +126,18 @@ class Overload:
                 return Plan(cached.model, max_tokens, decision.steps, cached=cached)
         chosen = decision.model or model.id
         key = _key(request, chosen, decision.max_tokens) if repeatable else None
-        return Plan(chosen, decision.max_tokens, decision.steps, cache_key=key)
+        return Plan(chosen, decision.max_tokens, decision.steps, cache_key=key, held=decision.hold)
+
+    def batch_verdict(self) -> HoldVerdict:
+        """Whether BATCH is still held back, let go, or now refused, at the current load: what
+        admission asks of the requests it holds (the same ladder as `plan`)."""
+        wait = self.cluster().wait_s(self.ahead(Priority.BATCH))
+        ladder = self.ladders[Priority.BATCH]
+        rung = ladder.update(wait)
+        retry_after_ms = ladder.retry_after_ms(wait)
+        if rung >= Rung.REFUSE:
+            return HoldVerdict(wait, hold=False, refuse=True, retry_after_ms=retry_after_ms)
+        return HoldVerdict(wait, hold=rung >= Rung.HOLD_BATCH, refuse=False, retry_after_ms=retry_after_ms)
 
     def remember(self, key: str, reply: CachedReply) -> None:
         self.cache.put(key, reply)

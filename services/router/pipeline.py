@@ -8,7 +8,8 @@ this order; each is one call below, and this is the only place that orders them.
  4. history       the session window merged in front (store unreachable: answered without it)
  5. plan          the degradation ladder's verdict under the current load: as asked, capped,
                   a fallback model, a kept reply, held back (BATCH) or refused (`overload`)
- 6. admit         a slot in this router's priority queue (`admission`)
+ 6. admit         a slot in this router's priority queue (`admission`), the request's one
+                  wait: a held BATCH request waits there until the ladder lets BATCH go
  7. relay         from a worker, moved token-exact to another one on a break or stall
                   (`failover`), or from the reply cache
  8. guard output  PII redaction of what the client is sent
@@ -131,13 +132,6 @@ class Pipeline:
         queue = create_request_queue(
             config.queue.policy, QueueConfig(aging_s=config.queue.aging_s), endpoints.cluster
         )
-        self.admission = Admission(queue, endpoints.clock)
-        self.failover = Failover(
-            endpoints,
-            stall_timeout_s=config.stall_timeout_s,
-            attempts=config.failover_attempts,
-            on_failover=lambda reason: FAILOVERS.labels("worker", reason).inc(),
-        )
         self.overload = Overload(
             LadderConfig(
                 thresholds_s=tuple(config.degradation_thresholds_s),  # type: ignore[arg-type]
@@ -147,7 +141,14 @@ class Pipeline:
             endpoints.cluster,
             queue.queued_tokens,
             max_hold_s=config.batch.hold_max_s,
-            clock=endpoints.clock,
+        )
+        # BATCH held back by the ladder waits in admission: one wait, one deadline.
+        self.admission = Admission(queue, endpoints.clock, hold=self.overload)
+        self.failover = Failover(
+            endpoints,
+            stall_timeout_s=config.stall_timeout_s,
+            attempts=config.failover_attempts,
+            on_failover=lambda reason: FAILOVERS.labels("worker", reason).inc(),
         )
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[ReplyChunk]:
@@ -228,7 +229,9 @@ class Pipeline:
                 request = replace(request, model=plan.model, max_tokens=plan.max_tokens)
                 ask = replace(ask, max_tokens=plan.max_tokens)
                 # 6. admit
-                slot = self.admission.slot(self._queued(turn, priority, ask), deadline.remaining())
+                slot = self.admission.slot(
+                    self._queued(turn, priority, ask), deadline.remaining(), held=plan.held
+                )
                 # 7. relay (read only once admitted)
                 source = self.failover.stream(request, ask, deadline.remaining)
             async with slot:

@@ -24,7 +24,7 @@ TEXT = "one two three four five six"
 
 
 @asynccontextmanager
-async def ladder() -> AsyncIterator[tuple[FakeWorker, Any]]:
+async def ladder(**overrides: Any) -> AsyncIterator[tuple[FakeWorker, Any]]:
     worker = FakeWorker(
         models=[chat_model(CHAT_MODEL, tier="large"), chat_model(SMALL, tier="small")],
         decode_tokens_per_s=SPEED,
@@ -36,6 +36,7 @@ async def ladder() -> AsyncIterator[tuple[FakeWorker, Any]]:
             degradation_thresholds_s=[1.0, 2.0, 3.0, 4.0, 5.0],
             degraded_max_tokens=2,
             overload_window_s=0,  # the ladder follows the latest report at once
+            **overrides,
         ) as stub:
             await wait_for_wait(worker, stub, 0.0)
             yield worker, stub
@@ -123,15 +124,24 @@ async def test_fourth_step_holds_batch_until_the_load_falls() -> None:
 
 
 async def test_held_batch_is_refused_with_pushback_before_its_deadline() -> None:
-    async with ladder() as (worker, stub):
+    async with ladder(batch_hold_max_s=0.5) as (worker, stub):
         await wait_for_wait(worker, stub, 4.5)
+        # A deadline the predicted wait cannot meet: refused at once, never held.
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await collect(stub, request(common_pb2.PRIORITY_BATCH), timeout=1.0)
         assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 0.5
+        assert "the deadline cannot be met" in (err.value.details() or "")
+        # One it could meet: held, in its one wait, until the hold budget runs out.
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await collect(stub, request(common_pb2.PRIORITY_BATCH), timeout=5.5)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert 0.3 < time.monotonic() - started < 1.5
         assert "BATCH held back" in (err.value.details() or "")
         assert int(dict(err.value.trailing_metadata() or ())["grpc-retry-pushback-ms"]) > 0
+        assert not worker.requests
 
 
 async def test_last_step_refuses_all_but_critical_with_pushback() -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 
 from services.common.errors import ResourceExhausted
+from services.router.admission import HOLD_POLL_S, Admission
 from services.router.core.domain import (
     DegradationStep,
     Delta,
@@ -23,7 +24,7 @@ from services.router.core.domain import (
 )
 from services.router.core.ladder import LadderConfig
 from services.router.core.load import ClusterLoad
-from services.router.core.queues import Priority
+from services.router.core.queues import Priority, QueueConfig, QueuedRequest, create_request_queue
 from services.router.core.reply_cache import ReplyCache
 from services.router.overload import Overload, cached_reply
 
@@ -52,9 +53,7 @@ class Loads:
 
 
 def overload(cluster: Callable[[], ClusterLoad], *, ahead: int = 0, max_hold_s: float = 5.0) -> Overload:
-    return Overload(
-        CONFIG, ReplyCache(16), cluster, lambda _priority: ahead, max_hold_s=max_hold_s, clock=time.monotonic
-    )
+    return Overload(CONFIG, ReplyCache(16), cluster, lambda _priority: ahead, max_hold_s=max_hold_s)
 
 
 def request(max_tokens: int = 64, temperature: float | None = None) -> WorkerRequest:
@@ -113,50 +112,59 @@ async def test_standard_is_capped_and_moved_to_the_smaller_tier_when_it_allows_i
     assert (interactive.model, interactive.max_tokens) == (SMALL.id, 500)
 
 
-async def test_batch_is_held_while_the_load_is_high_and_let_go_once_it_falls() -> None:
-    loads = Loads(12.0, 12.0, 12.0, 0.5)
+def held_admission(ov: Overload, cluster: Callable[[], ClusterLoad]) -> Admission:
+    return Admission(create_request_queue("priority", QueueConfig(), cluster), hold=ov)
+
+
+def queued(priority: Priority = Priority.BATCH, deadline: float | None = None) -> QueuedRequest:
+    return QueuedRequest("r1", "t", priority, 74, enqueued_at=time.monotonic(), deadline=deadline)
+
+
+async def test_batch_is_held_in_its_one_wait_while_the_load_is_high_and_let_go_once_it_falls() -> None:
+    loads = Loads(12.0, 12.0, 12.0, 12.0, 0.5)
     ov = overload(loads)
-    started = time.monotonic()
     got = await plan(ov, Priority.BATCH)
-    assert loads.calls == 4  # asked again after each hold poll until the wait fell
-    assert time.monotonic() - started >= 0.25
-    assert (got.model, got.steps) == (MEDIUM.id, ())
+    assert got.held and (got.model, got.steps) == (MEDIUM.id, ())  # planned at once, not asleep
+    admission = held_admission(ov, loads)
+    started = time.monotonic()
+    async with admission.slot(queued(), None, held=True):
+        # Asked the ladder again after each hold poll until the wait fell; then admitted.
+        assert loads.calls >= 5
+        assert time.monotonic() - started >= 2 * HOLD_POLL_S
+        assert admission.inflight == 1
     # Other classes are not held at the same load.
-    assert (
-        await overload(Loads(12.0)).plan(
-            request(),
-            MEDIUM,
-            CATALOG,
-            Priority.STANDARD,
-            allow_fallback=False,
-            prompt_tokens=10,
-            remaining=lambda: None,
-        )
-    ).model == MEDIUM.id
+    standard = await plan(overload(Loads(12.0)), Priority.STANDARD)
+    assert not standard.held and standard.model == MEDIUM.id
 
 
 async def test_batch_held_too_long_is_refused_before_its_hold_budget_or_deadline_runs_out() -> None:
     ov = overload(Loads(12.0), max_hold_s=0.35)
     started = time.monotonic()
     with pytest.raises(ResourceExhausted, match="BATCH held back") as refused:
-        await plan(ov, Priority.BATCH)
+        async with held_admission(ov, Loads(12.0)).slot(queued(), None, held=True):
+            pass
     held = time.monotonic() - started
     assert 0.2 <= held <= 0.35 + 0.2
     assert refused.value.retry_after_ms >= CONFIG.min_retry_after_ms
     # A deadline shorter than the hold budget ends the hold first: its caller is not kept
     # waiting for a reply that could not come in time.
+    long_hold = overload(Loads(12.0), max_hold_s=5.0)
     deadline = time.monotonic() + 0.3
     with pytest.raises(ResourceExhausted, match="BATCH held back"):
-        await overload(Loads(12.0), max_hold_s=5.0).plan(
-            request(),
-            MEDIUM,
-            CATALOG,
-            Priority.BATCH,
-            allow_fallback=False,
-            prompt_tokens=10,
-            remaining=lambda: deadline - time.monotonic(),
-        )
+        async with held_admission(long_hold, Loads(12.0)).slot(
+            queued(deadline=deadline), deadline - time.monotonic(), held=True
+        ):
+            pass
     assert time.monotonic() < deadline
+
+
+async def test_held_batch_is_refused_when_the_ladder_climbs_to_refusal() -> None:
+    loads = Loads(12.0, 12.0, 30.0)
+    ov = overload(loads)
+    with pytest.raises(ResourceExhausted, match="BATCH requests are refused") as refused:
+        async with held_admission(ov, loads).slot(queued(), None, held=True):
+            pass
+    assert refused.value.retry_after_ms >= 1000
 
 
 async def test_a_deadline_the_load_cannot_meet_is_refused_at_once_but_critical_is_tried() -> None:
@@ -172,7 +180,7 @@ async def test_a_deadline_the_load_cannot_meet_is_refused_at_once_but_critical_i
     with pytest.raises(ResourceExhausted, match="the deadline cannot be met"):
         await plan(overload(Loads(3.0), ahead=50), Priority.INTERACTIVE, remaining=3.1)
     # With no usable worker there is no estimate: placement, not a deadline refusal, answers.
-    none = Overload(CONFIG, ReplyCache(4), ClusterLoad, lambda _p: 0, max_hold_s=1.0, clock=time.monotonic)
+    none = Overload(CONFIG, ReplyCache(4), ClusterLoad, lambda _p: 0, max_hold_s=1.0)
     assert (await plan(none, Priority.INTERACTIVE, remaining=0.5)).model == MEDIUM.id
 
 
