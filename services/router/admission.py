@@ -23,6 +23,7 @@ from typing import Protocol
 
 from services.common.errors import ResourceExhausted
 from services.common.telemetry import span
+from services.router.core.ladder import HoldVerdict, refused
 from services.router.core.load import ClusterLoad
 from services.router.core.queues import Priority, QueuedRequest, RequestQueue
 from services.router.metrics import QUEUE_WAIT, SHED, priority_label
@@ -37,23 +38,12 @@ _REPLY_MARGIN_S = 0.1
 HOLD_POLL_S = 0.1
 
 
-class Verdict(Protocol):
-    @property
-    def wait_s(self) -> float: ...
-    @property
-    def hold(self) -> bool: ...
-    @property
-    def refuse(self) -> bool: ...
-    @property
-    def retry_after_ms(self) -> int: ...
-
-
 class BatchHold(Protocol):
     """What admission asks while it holds BATCH back (the overload ladder answers)."""
 
     max_hold_s: float
 
-    def batch_verdict(self) -> Verdict: ...
+    def batch_verdict(self) -> HoldVerdict: ...
 
 
 @dataclass
@@ -203,13 +193,7 @@ class Admission:
                 continue
             if verdict.refuse:
                 del self._held[key]
-                waiter.set_exception(
-                    ResourceExhausted(
-                        f"overloaded: predicted wait {verdict.wait_s:.1f}s; BATCH requests are "
-                        "refused until it falls",
-                        verdict.retry_after_ms,
-                    )
-                )
+                waiter.set_exception(refused(Priority.BATCH, verdict.wait_s, verdict.retry_after_ms))
             elif verdict.hold:
                 if now - held.since + HOLD_POLL_S > self.hold.max_hold_s:
                     del self._held[key]
@@ -222,7 +206,7 @@ class Admission:
                     waiter.set_exception(exc)
         self._pump()
 
-    def _held_too_long(self, held_s: float, verdict: Verdict | None = None) -> ResourceExhausted:
+    def _held_too_long(self, held_s: float, verdict: HoldVerdict | None = None) -> ResourceExhausted:
         assert self.hold is not None
         verdict = verdict or self.hold.batch_verdict()
         SHED.labels("batch", "held").inc()

@@ -15,7 +15,15 @@ from dataclasses import dataclass, replace
 
 from services.common.errors import ResourceExhausted
 from services.router.core.domain import Degradation, Delta, ModelSpec, Usage, WorkerRequest
-from services.router.core.ladder import Ladder, LadderConfig, RequestFacts, Rung, fallback_model
+from services.router.core.ladder import (
+    HoldVerdict,
+    Ladder,
+    LadderConfig,
+    RequestFacts,
+    Rung,
+    fallback_model,
+    refused,
+)
 from services.router.core.load import ClusterLoad
 from services.router.core.queues import Priority
 from services.router.core.reply_cache import CachedReply, ReplyCache, reply_key
@@ -34,14 +42,6 @@ class Plan:
     cached: CachedReply | None = None  # answer with this instead of a worker
     cache_key: str | None = None  # where its reply is kept (deterministic requests only)
     held: bool = False  # BATCH held back: admission keeps it until the ladder lets BATCH go
-
-
-@dataclass(frozen=True)
-class HoldVerdict:
-    wait_s: float  # the predicted wait it was judged at
-    hold: bool
-    refuse: bool
-    retry_after_ms: int
 
 
 def _key(request: WorkerRequest, model: str, max_tokens: int) -> str:
@@ -103,11 +103,7 @@ class Overload:
         wait = load.wait_s(ahead)
         decision = ladder.decide(facts, wait)
         if decision.refuse_retry_after_ms is not None:
-            raise ResourceExhausted(
-                f"overloaded: predicted wait {wait:.1f}s; {priority.name} requests are "
-                "refused until it falls",
-                decision.refuse_retry_after_ms,
-            )
+            raise refused(priority, wait, decision.refuse_retry_after_ms)
         left = remaining()
         # Refused up front only when it would still be waiting when its caller gives up: its
         # own cost is not known here (max_tokens is a cap, most replies stop well short of it,

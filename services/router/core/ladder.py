@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.common.errors import ResourceExhausted
 from services.router.core.catalog import TIERS
 from services.router.core.domain import Degradation, DegradationStep, ModelSpec
 from services.router.core.queues import Priority
@@ -61,6 +62,24 @@ class Decision:
     hold: bool = False  # leave it queued and ask again later
     refuse_retry_after_ms: int | None = None  # refuse with RESOURCE_EXHAUSTED and this pushback
     steps: tuple[Degradation, ...] = ()  # what to record in the response
+
+
+@dataclass(frozen=True)
+class HoldVerdict:
+    """What the BATCH ladder says of the requests admission holds back, at one load."""
+
+    wait_s: float  # the predicted wait it was judged at
+    hold: bool
+    refuse: bool
+    retry_after_ms: int
+
+
+def refused(priority: Priority, wait_s: float, retry_after_ms: int) -> ResourceExhausted:
+    """The refusal of the REFUSE rung, for a new request or one held back."""
+    return ResourceExhausted(
+        f"overloaded: predicted wait {wait_s:.1f}s; {priority.name} requests are refused until it falls",
+        retry_after_ms,
+    )
 
 
 class Ladder:
